@@ -1,0 +1,330 @@
+"""One Flax NNX decoder for Qwen2/2.5(-Math), Qwen3 and Llama 3 / SmolLM2.
+
+Dims legend:
+  B batch, T new tokens in this call, S key/value slots (T without a cache, cache length with one)
+  D model width, V vocabulary, F MLP width, N query heads, K key/value heads, G = N // K,
+  H head dim, L layers.
+
+The L transformer blocks are stored stacked (every block parameter has a leading L axis) and run
+with `lax.scan`, so compile time does not grow with depth and per-layer rematerialisation is one
+`jax.checkpoint` around the scan body.
+
+Masks and positions: `mask[B,T]` is 1 on real tokens (left padding is 0). Positions default to
+`cumsum(mask) - 1`, so a left-padded prompt gets the same RoPE positions as an unpadded one.
+A key slot is visible to a query iff it holds a real token and is not in the query's future.
+
+The KV cache (`KVCache`) holds `k, v [L,B,S,K,H]`, `valid bool[B,S]` (slot holds a real token)
+and `index` (next slot to write; all rows advance together, so left-padded prompts decode in
+lockstep). `decode` writes the T new keys/values at `[index, index+T)` and returns the new cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from srft_jax import mesh as mesh_lib
+from srft_jax.models.config import ModelConfig
+
+F32 = jnp.float32
+_NEG = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
+
+
+def dtype_of(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+# Logical axes of every parameter, keyed by (module, parameter) name. Block parameters get a
+# leading 'layers' axis (see `param_logical_axes`). Used by the mesh and by weight loading.
+PARAM_AXES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("embed", "embedding"): ("vocab", "embed"),
+    ("lm_head", "kernel"): ("embed", "vocab"),
+    ("final_norm", "scale"): ("norm",),
+    ("q_proj", "kernel"): ("embed", "heads", "head_dim"),
+    ("k_proj", "kernel"): ("embed", "kv_heads", "head_dim"),
+    ("v_proj", "kernel"): ("embed", "kv_heads", "head_dim"),
+    ("q_proj", "bias"): ("heads", "head_dim"),
+    ("k_proj", "bias"): ("kv_heads", "head_dim"),
+    ("v_proj", "bias"): ("kv_heads", "head_dim"),
+    ("o_proj", "kernel"): ("heads", "head_dim", "embed"),
+    ("q_norm", "scale"): ("head_dim",),
+    ("k_norm", "scale"): ("head_dim",),
+    ("gate_proj", "kernel"): ("embed", "mlp"),
+    ("up_proj", "kernel"): ("embed", "mlp"),
+    ("down_proj", "kernel"): ("mlp", "embed"),
+    ("input_norm", "scale"): ("norm",),
+    ("post_attn_norm", "scale"): ("norm",),
+}
+
+
+def param_logical_axes(path: tuple[str, ...]) -> tuple[str, ...]:
+    """Logical axes for a parameter path such as ('blocks', 'attn', 'q_proj', 'kernel')."""
+    names = tuple(str(p) for p in path)
+    axes = PARAM_AXES.get(names[-2:])
+    if axes is None:
+        raise KeyError(f"no logical axes for parameter {'/'.join(names)}")
+    return (("layers",) + axes) if names[0] == "blocks" else axes
+
+
+def _param(rngs: nnx.Rngs, shape, cfg: ModelConfig, init: str = "normal") -> nnx.Param:
+    dtype = dtype_of(cfg.param_dtype)
+    if init == "normal":
+        value = cfg.initializer_range * jax.random.normal(rngs.params(), shape, F32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, F32)
+    else:
+        value = jnp.ones(shape, F32)
+    return nnx.Param(value.astype(dtype))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.scale = _param(rngs, (dim,), cfg, "ones")
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(F32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+class Projection(nnx.Module):
+    """A linear map stored with named dims (`kernel` shape `in_shape + out_shape`)."""
+
+    def __init__(self, in_shape, out_shape, cfg: ModelConfig, *, bias: bool, rngs: nnx.Rngs):
+        self.kernel = _param(rngs, tuple(in_shape) + tuple(out_shape), cfg)
+        self.bias = _param(rngs, tuple(out_shape), cfg, "zeros") if bias else None
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Inverse RoPE frequencies [H/2], with Llama-3 scaling when configured."""
+    h = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=F32) / h))
+    if cfg.rope_scaling_factor:
+        factor = cfg.rope_scaling_factor
+        low_wavelen = cfg.rope_original_max_position / cfg.rope_low_freq_factor
+        high_wavelen = cfg.rope_original_max_position / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = ((cfg.rope_original_max_position / wavelen - cfg.rope_low_freq_factor)
+                  / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding in the HF 'rotate half' layout. x [B,T,N,H], positions [B,T]."""
+    angles = positions.astype(F32)[..., None] * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = Projection((d,), (n, h), cfg, bias=cfg.attention_bias, rngs=rngs)
+        self.k_proj = Projection((d,), (k, h), cfg, bias=cfg.attention_bias, rngs=rngs)
+        self.v_proj = Projection((d,), (k, h), cfg, bias=cfg.attention_bias, rngs=rngs)
+        self.o_proj = Projection((n, h), (d,), cfg, bias=False, rngs=rngs)
+        self.q_norm = RMSNorm(h, cfg, rngs=rngs) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(h, cfg, rngs=rngs) if cfg.qk_norm else None
+        self.num_kv_heads = k
+        self.head_dim = h
+
+    def _proj(self, p: Projection, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("BTD,DNH->BTNH", x, p.kernel[...].astype(x.dtype))
+        if p.bias is not None:
+            y = y + p.bias[...].astype(x.dtype)
+        return y
+
+    def __call__(self, x, positions, inv_freq, visible, kv_cache=None, index=None):
+        """x [B,T,D]; visible bool[B,T,S]; kv_cache (k, v) each [B,S,K,H] or None.
+        Returns (out [B,T,D], (k, v) written cache or None)."""
+        q = self._proj(self.q_proj, x)  # [B, T, N, H]
+        k = self._proj(self.k_proj, x)  # [B, T, K, H]
+        v = self._proj(self.v_proj, x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if kv_cache is not None:
+            ck, cv = kv_cache
+            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
+            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
+            k, v, new_cache = ck.astype(x.dtype), cv.astype(x.dtype), (ck, cv)
+        else:
+            new_cache = None
+        b, t, n, h = q.shape
+        kh = self.num_kv_heads
+        q = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=F32)
+        scores = scores * (1.0 / math.sqrt(h))
+        scores = jnp.where(visible[:, None, None, :, :], scores, _NEG)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+        out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj.kernel[...].astype(x.dtype))
+        return out, new_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Projection((d,), (f,), cfg, bias=False, rngs=rngs)
+        self.up_proj = Projection((d,), (f,), cfg, bias=False, rngs=rngs)
+        self.down_proj = Projection((f,), (d,), cfg, bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj.kernel[...].astype(x.dtype))
+        up = jnp.einsum("BTD,DF->BTF", x, self.up_proj.kernel[...].astype(x.dtype))
+        hidden = mesh_lib.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        return jnp.einsum("BTF,FD->BTD", hidden, self.down_proj.kernel[...].astype(x.dtype))
+
+
+class Embed(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.embedding = _param(rngs, (cfg.vocab_size, cfg.hidden_size), cfg)  # [V, D]
+
+
+class LMHead(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.kernel = _param(rngs, (cfg.hidden_size, cfg.vocab_size), cfg)  # [D, V]
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, visible, kv_cache=None, index=None):
+        attn, new_cache = self.attn(self.input_norm(x), positions, inv_freq, visible, kv_cache, index)
+        x = x + attn
+        x = x + self.mlp(self.post_attn_norm(x))
+        return mesh_lib.constrain(x, ("batch", "seq", "act_embed")), new_cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer keys/values [L,B,S,K,H], slot validity [B,S] and the next write slot []."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def repeat(self, n: int) -> "KVCache":
+        """Each row repeated n times consecutively (one prefilled prompt shared by a group)."""
+        rep = lambda a, axis: jnp.repeat(a, n, axis=axis)
+        return KVCache(rep(self.k, 1), rep(self.v, 1), rep(self.valid, 0), self.index)
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """RoPE positions of a (left-)padded batch: the index among the row's real tokens."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Decoder(nnx.Module):
+    """Decoder-only transformer. `model(tokens, mask=...)` gives float32 logits [B,T,V]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed = Embed(cfg, rngs=rngs)
+        keys = jax.random.split(rngs.params(), cfg.num_layers)
+        block_def = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
+        stacked = jax.vmap(lambda key: nnx.state(Block(cfg, rngs=nnx.Rngs(params=key))))(keys)
+        self.blocks = nnx.merge(block_def, stacked)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else LMHead(cfg, rngs=rngs)
+
+    # ---- pieces ----------------------------------------------------------------------------
+    def unembedding(self) -> jax.Array:
+        """The output projection [D,V] (the transposed embedding when tied)."""
+        if self.lm_head is None:
+            return self.embed.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits [B,T,V] from final hidden states [B,T,D]."""
+        w = self.unembedding().astype(hidden.dtype)
+        out = jnp.einsum("BTD,DV->BTV", hidden, w, preferred_element_type=F32)
+        return mesh_lib.constrain(out, ("batch", "seq", "vocab"))
+
+    def init_cache(self, batch: int, max_len: int, dtype: Optional[str] = None) -> KVCache:
+        cfg = self.config
+        dt = dtype_of(dtype or cfg.dtype)
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt),
+                       jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+    # ---- forward ---------------------------------------------------------------------------
+    def hidden_states(self, tokens, mask=None, positions=None, cache: Optional[KVCache] = None):
+        """Final-norm hidden states [B,T,D] and the updated cache (None without a cache)."""
+        cfg = self.config
+        dt = dtype_of(cfg.dtype)
+        if mask is None:
+            mask = jnp.ones(tokens.shape, bool)
+        mask = mask.astype(bool)
+        b, t = tokens.shape
+        if cache is None:
+            if positions is None:
+                positions = positions_from_mask(mask)
+            q_slot = jnp.arange(t)
+            visible = mask[:, None, :] & (q_slot[None, :] <= q_slot[:, None])[None]  # [B, T, T]
+            index = None
+        else:
+            if positions is None:
+                raise ValueError("decode with a cache needs explicit positions")
+            index = cache.index
+            valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask, index, axis=1)
+            q_slot = index + jnp.arange(t)
+            k_slot = jnp.arange(cache.max_len)
+            visible = valid[:, None, :] & (k_slot[None, :] <= q_slot[:, None])[None]  # [B, T, S]
+
+        x = jnp.take(self.embed.embedding[...], tokens, axis=0).astype(dt)
+        x = mesh_lib.constrain(x, ("batch", "seq", "act_embed"))
+        inv_freq = rope_inv_freq(cfg)
+        block_def, block_state = nnx.split(self.blocks)
+
+        def body(carry, xs):
+            layer_state, layer_cache = xs
+            block = nnx.merge(block_def, layer_state)
+            out, new_cache = block(carry, positions, inv_freq, visible, layer_cache, index)
+            return out, new_cache
+
+        if cfg.remat == "full":
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        elif cfg.remat == "dots":
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+        layer_caches = None if cache is None else (cache.k, cache.v)
+        x, new_kv = jax.lax.scan(body, x, (block_state, layer_caches))
+        x = self.final_norm(x)
+        if cache is None:
+            return x, None
+        return x, KVCache(new_kv[0], new_kv[1], valid, index + t)
+
+    def __call__(self, tokens, mask=None, positions=None) -> jax.Array:
+        """float32 logits [B,T,V] of a full (left-padded) sequence batch."""
+        hidden, _ = self.hidden_states(tokens, mask, positions)
+        return self.logits(hidden)
+
+    def decode(self, tokens, positions, cache: KVCache, mask=None):
+        """Runs T new tokens against the cache; returns (float32 logits [B,T,V], new cache)."""
+        hidden, cache = self.hidden_states(tokens, mask, positions, cache)
+        return self.logits(hidden), cache
