@@ -1,0 +1,101 @@
+"""Data configuration: where the prompts/demonstrations come from and how they are cut.
+
+Dims: P = prompt length in tokens (left-padded to a prompt bucket), R = response length
+(demonstration or rollout, right-padded to a response bucket).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from srft_jax.data.prompts import (
+    LUFFY_SYSTEM_PROMPT,
+    SYNTHETIC_SYSTEM_PROMPT,
+    THINK_PREFIX,
+    USER_TEMPLATE,
+)
+
+
+def _check_buckets(name: str, buckets: tuple[int, ...], max_len: int) -> None:
+    if not buckets:
+        return
+    if any(not isinstance(b, int) or b < 1 for b in buckets):
+        raise ValueError(f"{name} must hold positive ints, got {buckets}")
+    if list(buckets) != sorted(set(buckets)):
+        raise ValueError(f"{name} must be strictly increasing, got {buckets}")
+    if buckets[-1] < max_len:
+        raise ValueError(f"{name} largest bucket {buckets[-1]} is below the max length {max_len}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training data (OpenR1-Math-46k-8192 layout) and its prompt.
+
+    Attributes:
+      source: local parquet/jsonl/json file or directory, or a Hugging Face dataset id.
+      split: split to read (file-name prefix in a directory, or the HF split).
+      max_prompt_len: P_max; longer prompts are dropped (paper: 1024).
+      max_response_len: R_max; longer demonstrations are dropped (paper: 8192).
+      prompt_buckets: allowed padded prompt widths; () = powers of two up to P_max.
+      response_buckets: allowed padded response widths; () = powers of two up to R_max.
+      seed: seed of the epoch-wise shuffle of prompts.
+      batch_size: prompts per step (paper: 128).
+      shuffle: shuffle prompts each epoch.
+      system_prompt: system turn (paper: LUFFY's).
+      user_template: user turn with a "{question}" field (paper: "This is the problem: ...").
+      think_prefix: text appended after the generation prompt (paper: "<think>\\n").
+      end_token: token closing a demonstration; None = the tokenizer's eos token.
+      max_rows: read at most this many rows (None = all).
+      require_demo: rows without a demonstration are bad rows (SRFT needs one per prompt).
+    """
+
+    source: str = ""
+    split: str = "train"
+    max_prompt_len: int = 1024
+    max_response_len: int = 8192
+    prompt_buckets: tuple[int, ...] = ()
+    response_buckets: tuple[int, ...] = ()
+    seed: int = 0
+    batch_size: int = 128
+    shuffle: bool = True
+    system_prompt: str = LUFFY_SYSTEM_PROMPT
+    user_template: str = USER_TEMPLATE
+    think_prefix: str = THINK_PREFIX
+    end_token: Optional[str] = None
+    max_rows: Optional[int] = None
+    require_demo: bool = True
+
+    def __post_init__(self):
+        if self.max_prompt_len < 1:
+            raise ValueError(f"max_prompt_len must be >= 1, got {self.max_prompt_len}")
+        if self.max_response_len < 1:
+            raise ValueError(f"max_response_len must be >= 1, got {self.max_response_len}")
+        _check_buckets("prompt_buckets", tuple(self.prompt_buckets), self.max_prompt_len)
+        _check_buckets("response_buckets", tuple(self.response_buckets), self.max_response_len)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if "{question}" not in self.user_template:
+            raise ValueError(f"user_template must contain '{{question}}', got {self.user_template!r}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 or None, got {self.max_rows}")
+        if self.end_token is not None and not self.end_token:
+            raise ValueError("end_token must be None or a non-empty token string")
+        if not self.split:
+            raise ValueError("split must be a non-empty string")
+
+    @classmethod
+    def synthetic(cls, source: str = "", **overrides) -> "DataConfig":
+        """Preset for the in-process arithmetic task (short prompt, tiny lengths)."""
+        values = dict(
+            source=source,
+            max_prompt_len=48,
+            max_response_len=32,
+            prompt_buckets=(48,),
+            response_buckets=(32,),
+            batch_size=16,
+            system_prompt=SYNTHETIC_SYSTEM_PROMPT,
+            think_prefix="<think>",
+        )
+        values.update(overrides)
+        return cls(**values)

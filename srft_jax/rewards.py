@@ -1,0 +1,646 @@
+"""Outcome rewards for SRFT: Math-Verify answers and multiple-choice letters.
+
+The paper's rule (srft-method.md, "Training setup"): the reward of a response is 1 when
+the text after ``</think>`` verifies against the ground truth with Math-Verify, else 0; a
+response without ``</think>`` scores 0. The answer is the content of the last complete
+``\\boxed{...}`` of that tail (nested braces handled); when the tail has no box, the whole
+tail goes to Math-Verify, which then finds the last expression itself.
+
+Model output is untrusted. Nothing here passes it to ``eval``/``exec``/``sympify``:
+answers go through Math-Verify's LaTeX grammar (an ANTLR parser) and its plain-expression
+regex, which only admits digits, dots, whitespace and ``+-*/^()×÷`` before SymPy sees it.
+Parsing can still be made arbitrarily slow (``10^{10^{10^{10}}}``, deep nesting, huge
+strings), so batch scoring runs in :class:`RewardPool`: long-lived worker processes (plain
+``subprocess`` children running this module, so the parent's threads, JAX state and
+``__main__`` are never forked or re-imported) with a per-item timeout. A worker first
+interrupts a slow item itself (an interval timer on its main thread); a worker stuck in C
+code past ``timeout + kill_grace`` is killed and replaced. Either way the item scores 0 and
+the pool keeps working. This module imports no JAX.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import logging
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from typing import Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+THINK_CLOSE = "</think>"
+KINDS = ("math", "mc")
+MC_LETTERS = "ABCDEFGHIJ"  # MMLU-Pro has up to 10 options
+
+# --------------------------------------------------------------------------------------
+# Answer extraction (pure string functions, linear time)
+# --------------------------------------------------------------------------------------
+
+# A box opener, an escaped character (\{ \} \\ ... never count as braces), or a brace.
+_BOX_TOKENS = re.compile(r"\\boxed\s*\{|\\.|[{}]", re.DOTALL)
+
+
+def response_tail(response: str) -> Optional[str]:
+    """Text after the last ``</think>``, or None when the response has none."""
+    cut = response.rfind(THINK_CLOSE)
+    if cut < 0:
+        return None
+    return response[cut + len(THINK_CLOSE):]
+
+
+def last_boxed_content(text: str) -> Optional[str]:
+    """Content of the last complete ``\\boxed{...}`` in ``text`` (the one closing last).
+
+    Nested braces are matched, escaped braces (``\\{``) are content. An unclosed box (a
+    truncated response) is ignored, so an earlier complete box still counts. Linear time.
+    """
+    stack: list[Optional[int]] = []  # per open brace: content start if it opened a box
+    best: Optional[tuple[int, int]] = None
+    for match in _BOX_TOKENS.finditer(text):
+        token = match.group()
+        if token.startswith("\\boxed"):
+            stack.append(match.end())
+        elif token == "{":
+            stack.append(None)
+        elif token == "}":
+            if stack:
+                start = stack.pop()
+                if start is not None:
+                    best = (start, match.start())
+    if best is None:
+        return None
+    return text[best[0]:best[1]]
+
+
+def extract_math_answer(response: str) -> Optional[str]:
+    """The string handed to Math-Verify for a response, or None (no ``</think>``).
+
+    ``\\boxed{last box content}`` when the tail has a complete box, else the whole tail.
+    """
+    tail = response_tail(response)
+    if tail is None:
+        return None
+    boxed = last_boxed_content(tail)
+    if boxed is None:
+        return tail
+    return "\\boxed{" + boxed + "}"
+
+
+_MATH_DELIMITERS = ("\\boxed", "$", "\\(", "\\[")
+
+
+def gold_for_parse(ground_truth: str) -> str:
+    """Wrap a bare ground-truth answer in ``\\boxed{}`` so Math-Verify's LaTeX path sees it.
+
+    Math-Verify only extracts LaTeX inside delimiters; a bare ``\\frac12`` or ``(1,2]``
+    would otherwise parse to nothing. Answers that already carry delimiters pass as is.
+    """
+    gold = ground_truth.strip()
+    if any(d in gold for d in _MATH_DELIMITERS):
+        return gold
+    return "\\boxed{" + gold + "}"
+
+
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textrm|texttt)\s*\{([^{}]*)\}")
+_LETTER_IN_BOX = re.compile(r"^\(?([A-Z])\)?(?:$|[\s.:)\]]|\\)")
+_ANSWER_IS = re.compile(
+    r"answer\s*(?:is\s*:?|:)\s*(?:\*\*)?\s*(?:option\s*)?(?:\(([A-Za-z])\)|\b([A-Z])\b)",
+    re.IGNORECASE,
+)
+
+
+def extract_choice_letter(response: str, letters: str = MC_LETTERS) -> Optional[str]:
+    """The option letter a response chose, or None.
+
+    Looks at the text after ``</think>`` when present, else at the whole response. The
+    last complete ``\\boxed{...}`` wins (``\\boxed{C}``, ``\\boxed{(C)}``,
+    ``\\boxed{\\text{C}}``, ``\\boxed{C. 42}``); without a box, the last "answer is (C)" /
+    "answer is C" / "Answer: C". A bare lower-case letter only counts in parentheses.
+    """
+    tail = response_tail(response)
+    text = response if tail is None else tail
+    boxed = last_boxed_content(text)
+    if boxed is not None:
+        inner = boxed
+        for _ in range(3):  # unwrap nested \text{...}
+            inner = _TEXT_WRAPPER.sub(r"\1", inner)
+        inner = inner.strip().strip("{}").strip()
+        m = _LETTER_IN_BOX.match(inner)
+        if m and m.group(1) in letters:
+            return m.group(1)
+        return None
+    found = None
+    for m in _ANSWER_IS.finditer(text):
+        letter = m.group(1).upper() if m.group(1) else m.group(2)
+        if letter in letters:
+            found = letter
+    return found
+
+
+# --------------------------------------------------------------------------------------
+# Single-item rewards
+# --------------------------------------------------------------------------------------
+
+
+def _math_verify_timeouts() -> Optional[int]:
+    """Math-Verify's own signal-based timeout only works on a main thread."""
+    if threading.current_thread() is threading.main_thread():
+        return 5
+    return None
+
+
+def _math_reward(response: str, ground_truth: str, mv_timeout: Optional[int]) -> float:
+    from math_verify import parse, verify  # imported lazily: sympy is slow to import
+
+    if not isinstance(response, str) or not isinstance(ground_truth, str):
+        return 0.0
+    answer = extract_math_answer(response)
+    if answer is None or not ground_truth.strip():
+        return 0.0
+    gold = parse(gold_for_parse(ground_truth), parsing_timeout=mv_timeout)
+    if not gold:
+        return 0.0
+    pred = parse(answer, parsing_timeout=mv_timeout)
+    if not pred:
+        return 0.0
+    return 1.0 if verify(gold, pred, timeout_seconds=mv_timeout) else 0.0
+
+
+def math_reward(response: str, ground_truth: str) -> float:
+    """1.0 if the answer after ``</think>`` verifies against ``ground_truth``, else 0.0.
+
+    ``verify(parse(gold), parse(answer))`` with Math-Verify. In-process: on a main thread
+    Math-Verify's own 5 s timeouts apply; off the main thread there is no timeout, so
+    score untrusted batches with :class:`RewardPool` / :func:`batch_math_rewards`.
+    """
+    return _math_reward(response, ground_truth, _math_verify_timeouts())
+
+
+def _normalise_letter(letter: str) -> str:
+    return letter.strip().strip("()").strip().upper()
+
+
+def multiple_choice_reward(response: str, correct_letter: str) -> float:
+    """1.0 if the letter the response chose equals ``correct_letter``, else 0.0."""
+    if not isinstance(response, str) or not isinstance(correct_letter, str):
+        return 0.0
+    correct = _normalise_letter(correct_letter)
+    if len(correct) != 1:
+        return 0.0
+    chosen = extract_choice_letter(response)
+    return 1.0 if chosen == correct else 0.0
+
+
+def _score_one(kind: str, response: str, truth: str, mv_timeout: Optional[int]) -> float:
+    if kind == "math":
+        return _math_reward(response, truth, mv_timeout)
+    if kind == "mc":
+        return multiple_choice_reward(response, truth)
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Worker process (runs `python -c "from srft_jax.rewards import _worker_main; ..."`)
+# --------------------------------------------------------------------------------------
+
+
+class _ItemTimeout(BaseException):
+    """Raised by the worker's interval timer; BaseException so `except Exception` in
+    Math-Verify / SymPy cannot swallow it."""
+
+
+def _on_alarm(signum, frame):  # pragma: no cover - runs in the worker
+    raise _ItemTimeout()
+
+
+def _worker_score(request: dict) -> tuple[float, str]:
+    timeout = float(request["timeout"])
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            score = _score_one(request["kind"], request["response"], request["truth"], None)
+            return score, "ok"
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _ItemTimeout:
+        return 0.0, "timeout"
+    except Exception as exc:  # a grader bug must not kill the worker
+        return 0.0, f"error:{type(exc).__name__}"
+
+
+def _worker_main() -> None:  # pragma: no cover - runs in the worker (tested end to end)
+    """Serve JSON-line requests on stdin, answer on the original stdout."""
+    proto_out = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)  # stray prints from libraries go to stderr, never into the protocol
+    sys.stdout = sys.stderr
+    for name in ("math_verify", "latex2sympy2_extended"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    _score_one("math", "</think> \\boxed{\\frac{1}{2}}", "0.5", None)  # warm caches
+    proto_out.write(json.dumps({"ready": True}) + "\n")
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request.get("stop"):
+            break
+        score, status = _worker_score(request)
+        proto_out.write(json.dumps({"score": score, "status": status}) + "\n")
+
+
+# --------------------------------------------------------------------------------------
+# Pool
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PoolStats:
+    """Counters over the pool's lifetime."""
+
+    scored: int = 0
+    soft_timeouts: int = 0  # the worker interrupted the item itself
+    killed: int = 0  # the worker was stuck past timeout + kill_grace and was killed
+    crashed: int = 0  # the worker died on an item (the item is retried once)
+    errors: int = 0  # the grader raised; item scored 0
+    restarts: int = 0
+
+
+_MAX_INFLIGHT = 2  # items handed to a worker at once: the running one + one queued
+_PIPE_BUFFER_BYTES = 65536  # Linux pipe capacity
+_PIPELINE_BYTES = _PIPE_BUFFER_BYTES // 2
+
+
+def _encode(message: dict) -> bytes:
+    return (json.dumps(message) + "\n").encode("utf-8")
+
+
+class _Worker:
+    """One child process and its line buffer."""
+
+    def __init__(self, env: dict[str, str]):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from srft_jax.rewards import _worker_main; _worker_main()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            env=env,
+            close_fds=True,
+        )
+        self.fd = self.proc.stdout.fileno()
+        os.set_blocking(self.fd, False)
+        self.buffer = b""
+        self.ready = False
+        self.started = time.monotonic()
+        self.inflight: deque[int] = deque()  # items sent, in the order it scores them
+        self.deadline = 0.0  # for the item it is scoring now (the head of inflight)
+
+    def send_bytes(self, payload: bytes) -> None:
+        self.proc.stdin.write(payload)
+        self.proc.stdin.flush()
+
+    def send(self, message: dict) -> None:
+        self.send_bytes(_encode(message))
+
+    def read_lines(self) -> tuple[list[dict], bool]:
+        """Messages available now, and whether the pipe reached EOF (worker gone)."""
+        eof = False
+        while True:
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                eof = True
+                break
+            self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        return [json.loads(line) for line in lines if line.strip()], eof
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+def _default_num_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _child_env() -> dict[str, str]:
+    """The parent's environment, with this package importable and one thread per worker."""
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, "1")
+    return env
+
+
+class RewardPool:
+    """Worker processes that score responses with a per-item timeout, keeping order.
+
+    Usage::
+
+        with RewardPool(num_workers=4, timeout=5.0) as pool:
+            rewards = pool.score(responses, ground_truths)            # math
+            rewards = pool.score(responses, letters, kind="mc")       # multiple choice
+
+    Workers start once (about a second each, in parallel) and serve every later call.
+    An item gets ``timeout`` seconds; a worker that is still stuck ``kill_grace`` seconds
+    later is killed and replaced, and its item scores 0. ``score`` is not re-entrant
+    (a lock serialises concurrent callers).
+    """
+
+    def __init__(
+        self,
+        num_workers: Optional[int] = None,
+        timeout: float = 5.0,
+        kill_grace: float = 1.0,
+        start_timeout: float = 120.0,
+    ):
+        if num_workers is not None and num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1 or None, got {num_workers}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if kill_grace < 0:
+            raise ValueError(f"kill_grace must be >= 0 seconds, got {kill_grace}")
+        self.num_workers = num_workers or _default_num_workers()
+        self.timeout = float(timeout)
+        self.kill_grace = float(kill_grace)
+        self.start_timeout = float(start_timeout)
+        self.stats = PoolStats()
+        self._env = _child_env()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._workers = [_Worker(self._env) for _ in range(self.num_workers)]
+        self._finalizer = weakref.finalize(self, _kill_all, self._workers)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> "RewardPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers (politely, then by force); waits for a running ``score``."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop_workers()
+
+    def _stop_workers(self) -> None:
+        for worker in self._workers:
+            try:
+                worker.send({"stop": True})
+            except (BrokenPipeError, OSError, ValueError):
+                pass
+        deadline = time.monotonic() + 2.0
+        for worker in self._workers:
+            try:
+                worker.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            worker.kill()
+        self._finalizer.detach()
+
+    def worker_pids(self) -> list[int]:
+        return [w.proc.pid for w in self._workers]
+
+    def wait_ready(self, timeout: Optional[float] = None) -> None:
+        """Block until every worker has started (call once at start-up to hide the
+        workers' import time; ``score`` otherwise waits for them itself)."""
+        deadline = time.monotonic() + (self.start_timeout if timeout is None else timeout)
+        with self._lock:
+            while not all(w.ready for w in self._workers):
+                for worker in self._workers:
+                    if worker.ready:
+                        continue
+                    messages, eof = worker.read_lines()
+                    if any(m.get("ready") for m in messages):
+                        worker.ready = True
+                    elif eof:
+                        raise RuntimeError(_startup_failure(worker))
+                if time.monotonic() > deadline:
+                    raise TimeoutError("reward workers did not start in time")
+                time.sleep(0.01)
+
+    # -- scoring -----------------------------------------------------------------------
+
+    def score(
+        self,
+        responses: Sequence[str],
+        ground_truths: Sequence[str],
+        kind: str | Sequence[str] = "math",
+        timeout: Optional[float] = None,
+    ) -> list[float]:
+        """Rewards for ``responses`` against ``ground_truths``, in input order.
+
+        ``kind`` is "math" (Math-Verify) or "mc" (ground truth is the correct letter), or
+        one such string per item. ``timeout`` overrides the pool's per-item timeout.
+        """
+        if len(responses) != len(ground_truths):
+            raise ValueError(
+                f"responses ({len(responses)}) and ground_truths ({len(ground_truths)}) "
+                "must have the same length"
+            )
+        kinds = [kind] * len(responses) if isinstance(kind, str) else list(kind)
+        if len(kinds) != len(responses):
+            raise ValueError(f"kind has {len(kinds)} entries for {len(responses)} responses")
+        for k in set(kinds):
+            if k not in KINDS:
+                raise ValueError(f"kind must be one of {KINDS}, got {k!r}")
+        item_timeout = self.timeout if timeout is None else float(timeout)
+        if not item_timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("RewardPool is closed")
+            return self._run(list(responses), list(ground_truths), kinds, item_timeout)
+
+    def _run(self, responses, truths, kinds, item_timeout) -> list[float]:
+        results = [0.0] * len(responses)
+        pending: deque[int] = deque()
+        for i, (response, truth) in enumerate(zip(responses, truths)):
+            # Wrong types score 0 here: only strings cross the process boundary.
+            if isinstance(response, str) and isinstance(truth, str):
+                pending.append(i)
+        done_count = len(responses) - len(pending)
+        attempts = [0] * len(responses)
+        budget = item_timeout + self.kill_grace
+
+        def finish(i: int, score: float) -> None:
+            nonlocal done_count
+            results[i] = score
+            done_count += 1
+
+        def requeue(items: list[int]) -> None:
+            pending.extendleft(reversed(items))
+
+        selector = selectors.DefaultSelector()
+        try:
+            for worker in self._workers:
+                selector.register(worker.fd, selectors.EVENT_READ, worker)
+            while done_count < len(responses):
+                self._assign(pending, responses, truths, kinds, item_timeout, budget)
+                now = time.monotonic()
+                wake = [w.deadline for w in self._workers if w.inflight]
+                wake += [w.started + self.start_timeout for w in self._workers if not w.ready]
+                wait = max(0.0, min(wake) - now) if wake else None
+                for key, _ in selector.select(timeout=wait):
+                    worker = key.data
+                    messages, eof = worker.read_lines()
+                    for message in messages:
+                        if message.get("ready"):
+                            worker.ready = True
+                        elif worker.inflight:
+                            finish(worker.inflight.popleft(), float(message["score"]))
+                            self._count(message["status"])
+                            # the next queued item starts now (or a little earlier)
+                            worker.deadline = time.monotonic() + budget
+                    if eof:
+                        if worker.inflight:
+                            # Retry the item being scored once on a fresh worker (the death
+                            # may be unrelated to it); an item that kills two workers
+                            # scores 0. Items queued behind it are simply re-queued.
+                            self.stats.crashed += 1
+                            logger.warning("a reward worker died (exit code %s); replacing it",
+                                           worker.proc.poll())
+                            head = worker.inflight.popleft()
+                            attempts[head] += 1
+                            if attempts[head] < 2:
+                                requeue([head])
+                            else:
+                                finish(head, 0.0)
+                            requeue(list(worker.inflight))
+                        elif not worker.ready:
+                            raise RuntimeError(_startup_failure(worker))
+                        self._replace(worker, selector)
+                now = time.monotonic()
+                for worker in list(self._workers):
+                    if worker.inflight and now > worker.deadline:
+                        self.stats.killed += 1
+                        logger.warning("a reward worker was stuck past %.1f s; killed and "
+                                       "replaced, its item scores 0", budget)
+                        finish(worker.inflight.popleft(), 0.0)
+                        requeue(list(worker.inflight))
+                        self._replace(worker, selector)
+                    elif not worker.ready and now > worker.started + self.start_timeout:
+                        raise RuntimeError(
+                            f"a reward worker did not start within {self.start_timeout:.0f} s"
+                        )
+        finally:
+            selector.close()
+        self.stats.scored += len(responses)
+        return results
+
+    def _assign(self, pending, responses, truths, kinds, item_timeout, budget) -> None:
+        """Hand pending items to ready workers, up to _MAX_INFLIGHT each.
+
+        A second item is queued behind the running one (so the worker never waits for
+        this process to be scheduled) only when it fits the pipe buffer, so the write can
+        never block on a busy worker; larger items wait for an idle worker.
+        """
+        for worker in self._workers:
+            while worker.ready and pending and len(worker.inflight) < _MAX_INFLIGHT:
+                i = pending[0]
+                payload = _encode({"kind": kinds[i], "response": responses[i],
+                                   "truth": truths[i], "timeout": item_timeout})
+                if worker.inflight and len(payload) > _PIPELINE_BYTES:
+                    break
+                pending.popleft()
+                if not worker.inflight:
+                    worker.deadline = time.monotonic() + budget
+                worker.inflight.append(i)
+                try:
+                    worker.send_bytes(payload)
+                except (BrokenPipeError, OSError):
+                    break  # seen as EOF by the caller
+
+    def _count(self, status: str) -> None:
+        if status == "timeout":
+            self.stats.soft_timeouts += 1
+        elif status.startswith("error"):
+            self.stats.errors += 1
+
+    def _replace(self, worker: _Worker, selector: selectors.BaseSelector) -> None:
+        selector.unregister(worker.fd)
+        worker.kill()
+        fresh = _Worker(self._env)
+        self._workers[self._workers.index(worker)] = fresh
+        selector.register(fresh.fd, selectors.EVENT_READ, fresh)
+        self.stats.restarts += 1
+
+
+def _startup_failure(worker: _Worker) -> str:
+    return (
+        f"a reward worker exited during start-up (exit code {worker.proc.wait()}); run "
+        "`python -c \"import srft_jax.rewards, math_verify\"` to see the error"
+    )
+
+
+def _kill_all(workers: list[_Worker]) -> None:
+    for worker in workers:
+        try:
+            worker.kill()
+        except Exception:  # interpreter shutdown: best effort
+            pass
+
+
+# --------------------------------------------------------------------------------------
+# Module-level convenience pool
+# --------------------------------------------------------------------------------------
+
+_shared_pool: Optional[RewardPool] = None
+_shared_lock = threading.Lock()
+
+
+def _close_shared_pool() -> None:
+    global _shared_pool
+    if _shared_pool is not None:
+        _shared_pool.close()
+        _shared_pool = None
+
+
+atexit.register(_close_shared_pool)
+
+
+def batch_math_rewards(
+    responses: Sequence[str],
+    ground_truths: Sequence[str],
+    timeout: float = 5.0,
+    num_workers: Optional[int] = None,
+) -> list[float]:
+    """Math rewards for a batch, in order, via a shared :class:`RewardPool`.
+
+    The pool is created on first use and reused by later calls (re-created when
+    ``num_workers`` changes); it is closed at interpreter exit.
+    """
+    global _shared_pool
+    with _shared_lock:
+        wanted = num_workers or _default_num_workers()
+        if _shared_pool is None or _shared_pool.num_workers != wanted:
+            _close_shared_pool()
+            _shared_pool = RewardPool(num_workers=wanted, timeout=timeout)
+        pool = _shared_pool
+    return pool.score(responses, ground_truths, kind="math", timeout=timeout)
+
