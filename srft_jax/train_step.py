@@ -1,0 +1,164 @@
+"""The pure, jitted SRFT update: `train_step(params, opt_state, batch) -> (params, opt_state, metrics)`.
+
+Dims: M micro-batches, b sequences per micro-batch, P prompt width, R response width,
+D model width, V vocabulary.
+
+The batch arrives as [M, b, ...] (see `batch.to_micro_batches`). Gradients of the loss are
+accumulated over micro-batches in a `lax.scan`; the loss's normalisers (token counts) are
+computed once for the whole mini-batch, so the accumulated gradient is exactly that of
+`srft_loss` on the whole mini-batch. Log-probs and entropies come from the chunked form that
+never holds [b, R, V]. A non-finite loss or gradient keeps the old parameters and optimiser
+state and reports `train/skipped = 1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from srft_jax import mesh as mesh_lib
+from srft_jax.batch import MixedBatch
+from srft_jax.losses import SRFTLossConfig, chunked_token_logprobs_and_entropy, loss_normalizers, srft_loss
+from srft_jax.models.decoder import param_logical_axes
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 1e-6
+    b1: float = 0.9
+    b2: float = 0.999
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 1
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping and a constant (paper) or cosine schedule."""
+    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
+    if cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(cfg.lr, decay_steps)
+    else:
+        main = optax.constant_schedule(cfg.lr)
+    if cfg.warmup_steps:
+        warm = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+        schedule = optax.join_schedules([warm, main], [cfg.warmup_steps])
+    else:
+        schedule = main
+    parts = []
+    if cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+def param_shardings(params: Any, mesh) -> Any:
+    """NamedShardings of a parameter state from the decoder's logical axes table."""
+
+    def one(path, leaf):
+        names = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        return mesh_lib.named_sharding(mesh, param_logical_axes(names), leaf.shape)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params: Any, p_shardings: Any, mesh) -> Any:
+    """Optimiser-state shardings: per-parameter moments follow their parameter, the rest replicate."""
+    abstract = jax.eval_shape(tx.init, params)
+    return optax.tree_map_params(
+        tx, lambda _, s: s, abstract, p_shardings,
+        transform_non_params=lambda _: mesh_lib.replicated(mesh),
+        is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def response_logprobs(model, mb: MixedBatch, chunk_size: int):
+    """log pi(y_t) and entropy [b, R] of the response tokens of a micro-batch."""
+    tokens = jnp.concatenate([mb.prompt_tokens, mb.response_tokens], axis=1)  # [b, P + R]
+    mask = jnp.concatenate([mb.prompt_mask, mb.response_mask], axis=1)
+    hidden, _ = model.hidden_states(tokens, mask)  # [b, P + R, D]
+    p = mb.prompt_tokens.shape[1]
+    h_resp = hidden[:, p - 1:-1]  # the states that predict the response tokens, [b, R, D]
+    return chunked_token_logprobs_and_entropy(h_resp, model.unembedding(), mb.response_tokens, chunk_size)
+
+
+def _flat(batch: MixedBatch) -> MixedBatch:
+    return batch.map(lambda a: a.reshape((-1,) + a.shape[2:]))
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, loss_config: SRFTLossConfig,
+                    chunk_size: int = 1024) -> Callable:
+    """The un-jitted step; `jit_train_step` adds shardings and donation."""
+
+    def loss_fn(params, mb, normalizers):
+        model = nnx.merge(graphdef, params)
+        lp, ent = response_logprobs(model, mb, chunk_size)
+        loss, _ = srft_loss(lp, ent, mb, loss_config, normalizers=normalizers)
+        return loss, (lp, ent)
+
+    def train_step(params, opt_state, batch: MixedBatch):
+        normalizers = loss_normalizers(_flat(batch), loss_config)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+        def accumulate(carry, mb):
+            g_acc, l_acc = carry
+            (loss, (lp, ent)), g = grad_fn(params, mb, normalizers)
+            g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+            return (g_acc, l_acc + loss), (lp, ent)
+
+        (grads, loss), (lp, ent) = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), batch)
+        # Exact whole-mini-batch metrics from the collected log-probs (no model involved).
+        flat = _flat(batch)
+        _, metrics = srft_loss(lp.reshape(flat.response_mask.shape), ent.reshape(flat.response_mask.shape),
+                               flat, loss_config)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_params = keep(new_params, params)
+        new_opt_state = keep(new_opt_state, opt_state)
+        metrics = dict(metrics)
+        metrics["loss"] = loss
+        metrics["train/grad_norm"] = grad_norm
+        metrics["train/skipped"] = 1.0 - finite.astype(jnp.float32)
+        return new_params, new_opt_state, metrics
+
+    return train_step
+
+
+def make_logprob_fn(graphdef, chunk_size: int = 1024) -> Callable:
+    """logprob_fn(params, batch [M, b, ...]) -> log-probs [M, b, R] (the old policy's)."""
+
+    def logprob_fn(params, batch):
+        def one(_, mb):
+            lp, _ = response_logprobs(nnx.merge(graphdef, params), mb, chunk_size)
+            return None, lp
+
+        return jax.lax.scan(one, None, batch)[1]
+
+    return logprob_fn
+
+
+def batch_shardings(mesh, batch: MixedBatch) -> MixedBatch:
+    """Micro-batched arrays [M, b, ...]: b over ('data', 'fsdp'), everything else replicated."""
+
+    def one(a):
+        logical = (None, "batch") + (None,) * (a.ndim - 2)
+        return NamedSharding(mesh, mesh_lib.logical_to_spec(logical, a.shape, mesh))
+
+    return jax.tree.map(one, batch)
+
+
+def jit_train_step(step_fn, p_shardings, o_shardings, b_shardings, mesh):
+    return jax.jit(step_fn, in_shardings=(p_shardings, o_shardings, b_shardings),
+                   out_shardings=(p_shardings, o_shardings, mesh_lib.replicated(mesh)),
+                   donate_argnums=(0, 1))
