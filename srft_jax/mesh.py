@@ -19,17 +19,13 @@ tensor axis of 4), so every config runs on every mesh.
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
-
-log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -86,23 +82,6 @@ class MeshConfig:
             raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are "
                              f"{num_devices} devices (use -1 for one axis to absorb the rest)")
         return tuple(sizes)
-
-
-def initialize_distributed(cfg: MeshConfig) -> None:
-    """Starts JAX's multi-controller runtime when asked (no-op for a single process)."""
-    if not cfg.distributed and cfg.coordinator_address is None:
-        return
-    if jax.distributed.is_initialized():
-        return
-    kwargs = {}
-    if cfg.coordinator_address is not None:
-        kwargs = dict(coordinator_address=cfg.coordinator_address,
-                      num_processes=cfg.num_processes, process_id=cfg.process_id)
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**kwargs)
-    log.info("jax.distributed: process %d of %d, %d local / %d global devices",
-             jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Optional[Sequence[Any]] = None) -> Mesh:

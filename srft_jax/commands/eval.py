@@ -100,12 +100,12 @@ def run(args) -> int:
 
     import jax
 
-    from srft_jax import mesh as mesh_lib
+    from srft_jax import distributed, mesh as mesh_lib
     from srft_jax.evaluation.harness import CacheMismatch, evaluate, load_benchmarks
     from srft_jax.evaluation.policy import ModelPolicy, load_model_for_eval
 
     mesh_cfg = mesh_lib.MeshConfig(data=args.data, fsdp=args.fsdp, tensor=args.tensor)
-    mesh_lib.initialize_distributed(mesh_cfg)
+    mesh_cfg = distributed.initialize(mesh_cfg)
     mesh = mesh_lib.make_mesh(mesh_cfg)
     model, tokenizer, template = load_model_for_eval(args.model, mesh)
     protocol = protocol_from_args(args, template)

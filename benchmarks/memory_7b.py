@@ -1,0 +1,313 @@
+"""Per-device memory of the 7B SRFT train step and the sampler's decode, measured by XLA, plus
+the model FLOPs of one paper step.
+
+Run (8 forced CPU devices are set up by the script; nothing is allocated or run, only
+`jax.eval_shape` -> `jit(...).lower(abstract, sharded args).compile().memory_analysis()`):
+    python benchmarks/memory_7b.py                                   # everything below
+    python benchmarks/memory_7b.py --what train --micro-batch 1 --remat full
+    python benchmarks/memory_7b.py --what decode --decode-prompts 16
+    python benchmarks/memory_7b.py --what flops                      # formula only (instant)
+    python benchmarks/memory_7b.py --what train --devices 32 --fsdp 8 --tensor 4 --micro-batch 4
+                                                                     # configs/...-v5p64.yaml
+    python benchmarks/memory_7b.py --what train --fsdp 2 --tensor 4 --micro-batch 2   # ...-8xh100
+    python benchmarks/memory_7b.py --model 1.5b --fsdp 4 --tensor 2 --decode-prompts 8  # ...-v5e8
+
+Model: Qwen2.5-Math-7B with the paper's 16k window (28 layers, D 3584, F 18944, 28 query /
+4 KV heads, V 152064), float32 parameters and AdamW moments (the paper's lr 1e-6 is below
+bfloat16's resolution of a weight, so bf16 master weights would drop most updates) and
+bfloat16 compute. Mesh: 8 devices, ('data', 'fsdp', 'tensor') = (1, 8, 1) by default.
+Shapes: prompt 1024 + response 8192 tokens per sequence.
+
+- train: `train_step.make_train_step` (the real step: scan over M micro-batches of
+  `--micro-batch` sequences per device, chunked log-prob/entropy, SRFT paper loss, AdamW with
+  clipping, donated params/opt state) for one update of the paper (64 prompts x 8 = 512 rows).
+- decode: the sampler's jitted group-decode program (`sampler._decode`: grow the prefilled
+  cache to 1024 + 8192 slots, repeat each prompt's row 7 times, `lax.while_loop` of
+  `Decoder.decode` over 8192 steps) for `--decode-prompts` prompts x 7 rollouts, bfloat16
+  KV cache; and one `Decoder.decode` step of those rows against a full cache.
+
+Peak per device ~ arguments + outputs - aliased (donated) + temporaries. XLA's cost_analysis
+counts each loop body (layer scan, micro-batch scan, decode loop) once, so its flops are not a
+step total; the FLOPs lines use the formula in `paper_step_flops` (for one unrolled layer it
+agrees with cost_analysis to 0.5%, forward and forward+backward). Prints one line per program
+and, last, the comparable number: the train step's peak GB per device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+def _devices_from_argv(default: int = 8) -> int:
+    """--devices N must be known before JAX is imported (it sets the forced CPU device count)."""
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):
+        if a.startswith("--devices="):
+            return int(a.split("=", 1)[1])
+        if a == "--devices" and i + 1 < len(argv):
+            return int(argv[i + 1])
+    return default
+
+
+DEVICES = _devices_from_argv()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + f" --xla_force_host_platform_device_count={DEVICES}").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import functools  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from srft_jax import mesh as mesh_lib  # noqa: E402
+from srft_jax.models import ModelConfig, abstract_model, state_shardings  # noqa: E402
+
+GB = 1e9
+PROMPT, RESPONSE = 1024, 8192
+PAPER = dict(prompts=128, rollouts=7, demos=1, updates=2)
+
+# Peak dense bf16 FLOP/s per chip (vendor figures) and HBM per chip.
+HARDWARE = {
+    "v5p-64 (32 chips)": dict(chips=32, flops=459e12, hbm=95e9, bw=2.765e12, model="7b"),
+    "8 x H100 SXM 80GB": dict(chips=8, flops=989e12, hbm=80e9, bw=3.35e12, model="7b"),
+    "v5e-8 (8 chips)": dict(chips=8, flops=197e12, hbm=16e9, bw=0.819e12, model="1.5b"),
+}
+
+
+MODELS = {"7b": ModelConfig.qwen2_5_math_7b_16k, "1.5b": ModelConfig.qwen2_5_math_1_5b}
+
+
+def model_config(remat: str, model: str = "7b") -> ModelConfig:
+    extra = dict(rope_theta=40000.0, max_position_embeddings=16384) if model == "1.5b" else {}
+    return MODELS[model](param_dtype="float32", dtype="bfloat16", remat=remat, **extra)
+
+
+def sds(shape, dtype, sharding=None):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: sds(x.shape, x.dtype, s), tree, shardings)
+
+
+@dataclass
+class Report:
+    name: str
+    argument: float
+    output: float
+    alias: float
+    temp: float
+    flops: float
+    compile_s: float
+
+    @property
+    def peak(self) -> float:
+        return self.argument + self.output - self.alias + self.temp
+
+    def line(self) -> str:
+        return (f"{self.name}: per device arguments {self.argument / GB:.2f} GB, outputs {self.output / GB:.2f} GB, "
+                f"donated/aliased {self.alias / GB:.2f} GB, temporaries {self.temp / GB:.2f} GB -> peak "
+                f"~{self.peak / GB:.2f} GB; XLA cost_analysis flops/device {self.flops:.3e} (each loop "
+                f"body counted once); "
+                f"compile {self.compile_s:.0f} s")
+
+
+def analyse(name: str, jitted, *args) -> Report:
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    elapsed = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    return Report(name, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                  mem.temp_size_in_bytes, flops, elapsed)
+
+
+# ---- train step --------------------------------------------------------------------------------
+def train_report(mesh, micro_batch: int, remat: str, chunk_size: int, model: str = "7b") -> Report:
+    from srft_jax.batch import MixedBatch
+    from srft_jax.losses import SRFTLossConfig
+    from srft_jax.train_step import (OptimizerConfig, batch_shardings, jit_train_step, make_optimizer,
+                                     make_train_step, opt_state_shardings, param_shardings)
+
+    cfg = model_config(remat, model)
+    graphdef, state = nnx.split(abstract_model(cfg))
+    params = nnx.to_pure_dict(state)
+    tx = make_optimizer(OptimizerConfig(lr=1e-6, weight_decay=0.01, grad_clip=1.0))
+    p_sh = param_shardings(params, mesh)
+    o_sh = opt_state_shardings(tx, params, p_sh, mesh)
+    opt = jax.eval_shape(tx.init, params)
+    rows = PAPER["prompts"] // PAPER["updates"] * (PAPER["rollouts"] + PAPER["demos"])  # 512
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    b = micro_batch * batch_shards
+    m = rows // b
+    f32, i32 = jnp.float32, jnp.int32
+    batch = MixedBatch(
+        prompt_tokens=sds((m, b, PROMPT), i32), prompt_mask=sds((m, b, PROMPT), f32),
+        response_tokens=sds((m, b, RESPONSE), i32), response_mask=sds((m, b, RESPONSE), f32),
+        is_demo=sds((m, b), bool), group=sds((m, b), i32), reward=sds((m, b), f32),
+        advantage=sds((m, b), f32), old_logprobs=sds((m, b, RESPONSE), f32))
+    b_sh = batch_shardings(mesh, batch)
+    step = jit_train_step(make_train_step(graphdef, tx, SRFTLossConfig(), chunk_size=chunk_size),
+                          p_sh, o_sh, b_sh, mesh)
+    with jax.set_mesh(mesh):
+        return analyse(f"train step (update of {rows} rows = {m} micro-batches x {b} sequences of "
+                       f"{PROMPT}+{RESPONSE} tokens, {micro_batch} per batch shard, remat={remat})",
+                       step, with_shardings(params, p_sh), with_shardings(opt, o_sh),
+                       with_shardings(batch, b_sh))
+
+
+# ---- sampler -----------------------------------------------------------------------------------
+def decode_reports(mesh, prompts: int, remat: str, model: str = "7b") -> list[Report]:
+    from srft_jax import sampler as sampler_lib
+    from srft_jax.models.decoder import KVCache
+
+    cfg = model_config(remat, model)
+    graphdef, state = nnx.split(abstract_model(cfg))
+    st_sh = state_shardings(state, mesh)
+    abstract_state = with_shardings(state, st_sh)
+    g = PAPER["rollouts"]
+    n = prompts * g
+    L, K, H, V = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    cache_axes = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+    def cache(rows, slots):
+        kv = sds((L, rows, slots, K, H), jnp.bfloat16,
+                 mesh_lib.named_sharding(mesh, cache_axes, (L, rows, slots, K, H)))
+        return KVCache(kv, kv, sds((rows, slots), bool, mesh_lib.batch_sharding(mesh, 2, (rows, slots))),
+                       sds((), jnp.int32, mesh_lib.replicated(mesh)))
+
+    rep = mesh_lib.replicated(mesh)
+    row_sh = lambda shape: mesh_lib.batch_sharding(mesh, len(shape), shape)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    out = []
+    with jax.set_mesh(mesh):
+        shape = sampler_lib._Shape(batch=prompts, prompt_len=PROMPT, response_len=RESPONSE, num_samples=g,
+                                   strategy=sampler_lib.Temperature(1.0), kv_cache_dtype="bfloat16",
+                                   stop_ids=(151643, 151645), pad_id=151643)
+        loop = jax.jit(functools.partial(sampler_lib._decode, graphdef, shape))
+        out.append(analyse(
+            f"sampler decode loop ({prompts} prompts x {g} = {n} rows, cache {PROMPT}+{RESPONSE} bf16)",
+            loop, abstract_state, cache(prompts, PROMPT), sds((prompts, V), jnp.float32, row_sh((prompts, V))),
+            sds((prompts,), jnp.int32, row_sh((prompts,))), sds(key.shape, key.dtype, rep),
+            sds((prompts,), jnp.int32, row_sh((prompts,))), sds((), jnp.int32, rep)))
+
+        def one_step(state, tokens, positions, kv):
+            logits, kv = nnx.merge(graphdef, state).decode(tokens, positions, kv)
+            return logits, kv
+
+        step = jax.jit(one_step, donate_argnums=(3,))
+        out.append(analyse(
+            f"one decode step ({n} rows x 1 token against a {PROMPT + RESPONSE}-slot bf16 cache)",
+            step, abstract_state, sds((n, 1), jnp.int32, row_sh((n, 1))),
+            sds((n, 1), jnp.int32, row_sh((n, 1))), cache(n, PROMPT + RESPONSE)))
+    return out
+
+
+# ---- FLOPs of one paper step -------------------------------------------------------------------
+def paper_step_flops(cfg: ModelConfig, response_len: int = RESPONSE) -> dict[str, float]:
+    """Model FLOPs (no rematerialisation, PaLM convention) of one SRFT step of the paper with
+    every response `response_len` tokens long (an upper bound; real rollouts stop earlier).
+
+    Per token: forward 2*N_mm + attention 4*L*N*H*c, where N_mm = matmul parameters (all but the
+    input embedding, which is a gather), N*H = query heads x head dim and c the context the token
+    attends to; training = 3x forward (6*N_mm + 12*L*N*H*c).
+    """
+    n_mm = cfg.num_params() - cfg.vocab_size * cfg.hidden_size
+    attn = cfg.num_layers * cfg.num_heads * cfg.head_dim  # L * N * H
+    p, r = PROMPT, response_len
+    seq = p + r
+    prompts, g = PAPER["prompts"], PAPER["rollouts"]
+    rows = prompts * (g + PAPER["demos"])
+    # Sampling: prefill each prompt once (context grows 1..p, mean p/2), then decode g rows per
+    # prompt for r steps (context p..p+r, mean p + r/2).
+    prefill = prompts * p * (2 * n_mm + 4 * attn * p / 2)
+    decode = prompts * g * r * (2 * n_mm + 4 * attn * (p + r / 2))
+    # Training: every row (rollouts and demos) forward + backward over the full sequence
+    # (causal context mean seq/2), split over the 2 updates (same total).
+    train = rows * seq * (6 * n_mm + 12 * attn * seq / 2)
+    # verl-style recomputation of old log-probs: one more forward of the rollout rows.
+    old_lp = prompts * g * seq * (2 * n_mm + 4 * attn * seq / 2)
+    return dict(n_mm=float(n_mm), prefill=prefill, decode=decode, train=train, old_logprobs=old_lp,
+                total=prefill + decode + train + old_lp)
+
+
+def flops_lines(cfg: ModelConfig, model: str = "7b") -> list[str]:
+    hardware = {k: v for k, v in HARDWARE.items() if v["model"] == model}
+    f = paper_step_flops(cfg)
+    lines = [f"model FLOPs of one paper step (128 prompts x 7 rollouts of {RESPONSE} tokens + 128 demos, "
+             f"prompt {PROMPT}; N_matmul = {f['n_mm'] / 1e9:.3f} B; upper bound, every response full length):",
+             f"  sampling: prefill {f['prefill']:.3e} + decode {f['decode']:.3e}",
+             f"  two updates (fwd+bwd, 1024 rows x {PROMPT + RESPONSE} tokens): {f['train']:.3e}",
+             f"  old log-prob recomputation (896 rows fwd): {f['old_logprobs']:.3e}",
+             f"  total: {f['total']:.3e} FLOPs = {f['total'] / 1e15:.0f} PFLOP"]
+    for name, hw in hardware.items():
+        peak = hw["chips"] * hw["flops"]
+        t = f["total"] / (0.4 * peak)
+        t_train = (f["train"] + f["old_logprobs"] + f["prefill"]) / (0.4 * peak)
+        lines.append(f"  {name}: peak {peak / 1e15:.1f} PFLOP/s -> {t:.0f} s per step at 40% MFU "
+                     f"({t_train:.0f} s of it outside decoding); 500 steps = {500 * t / 3600:.1f} h")
+    # Decoding is bandwidth-bound: each step reads every row's KV cache (mean context p + r/2)
+    # and the bf16 weights once per device.
+    rows = PAPER["prompts"] * PAPER["rollouts"]
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2  # k and v, bf16
+    kv_bytes = rows * (PROMPT + RESPONSE / 2) * kv_per_token
+    w_bytes = 2 * cfg.num_params()
+    for name, hw in hardware.items():
+        per_step = kv_bytes / (hw["chips"] * hw["bw"]) + w_bytes / hw["bw"]
+        lines.append(f"  {name}: HBM-bound decode estimate {per_step * 1e3:.1f} ms/token step "
+                     f"(KV {kv_bytes / GB:.0f} GB over all chips + {w_bytes / GB:.1f} GB weights per chip) "
+                     f"-> {per_step * RESPONSE:.0f} s for {RESPONSE} steps")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--what", choices=("all", "train", "decode", "flops"), default="all")
+    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per batch shard (one data x fsdp group of devices) per micro-batch")
+    parser.add_argument("--remat", choices=("none", "full", "dots"), default="full")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="log-prob/entropy sequence chunk")
+    parser.add_argument("--decode-prompts", type=int, default=PAPER["prompts"],
+                        help="prompts per sampler call (x 7 rollouts rows)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="7b")
+    parser.add_argument("--devices", type=int, default=8, help="forced CPU devices (the mesh size)")
+    parser.add_argument("--fsdp", type=int, default=-1, help="fsdp axis size (-1: devices / tensor)")
+    parser.add_argument("--tensor", type=int, default=1)
+    parser.add_argument("--hbm-gb", type=float, default=None,
+                        help="also say whether the train step fits in this many GB per device")
+    args = parser.parse_args(argv)
+
+    cfg = model_config(args.remat, args.model)
+    print(f"Qwen2.5-Math-{args.model.upper()}: {cfg.num_params() / 1e9:.3f} B parameters, float32 params + "
+          f"AdamW moments, bf16 compute; mesh fsdp={args.fsdp} tensor={args.tensor} on "
+          f"{jax.device_count()} devices")
+    for line in flops_lines(cfg, args.model):
+        print(line)
+    if args.what == "flops":
+        return 0
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, fsdp=args.fsdp, tensor=args.tensor))
+    reports = []
+    if args.what in ("all", "decode"):
+        for rep in decode_reports(mesh, args.decode_prompts, args.remat, args.model):
+            print(rep.line(), flush=True)
+    if args.what in ("all", "train"):
+        rep = train_report(mesh, args.micro_batch, args.remat, args.chunk_size, args.model)
+        print(rep.line(), flush=True)
+        reports.append(rep)
+        limits = {name.split(" (")[0]: hw["hbm"] for name, hw in HARDWARE.items() if hw["model"] == args.model}
+        if args.hbm_gb:
+            limits = {"--hbm-gb": args.hbm_gb * GB}
+        for name, hbm in limits.items():
+            verdict = "fits" if rep.peak < hbm else "does NOT fit"
+            print(f"  train step {verdict} in {hbm / GB:.0f} GB ({name})")
+        print(f"train step peak per device: {rep.peak / GB:.2f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

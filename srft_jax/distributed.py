@@ -1,0 +1,286 @@
+"""Multi-host (multi-controller) training: start-up, which data each process feeds, and the
+conversions between a process's own rows (numpy) and global sharded arrays.
+
+Every process runs the same program (SPMD, `jax.distributed`); there is no launcher process.
+A global batch is sharded over the mesh's ('data', 'fsdp') axes, so each process only ever
+needs the rows that its own devices hold: it reads only its shard of the prompts
+(`host_shard`), samples and scores them, builds its part of the mixed batch, and hands that
+part to `to_global`. Processes whose devices hold the same rows (a 'tensor' axis that spans
+processes) are replicas of one data shard and must feed identical rows; `data_shard` works this
+out from the mesh, so the rule is the same on a TPU slice, on GPU nodes and in CPU tests.
+
+Dims legend: B rows of a global batch, S data shards (distinct row blocks held by processes),
+B_s = B / S rows fed by one process, M micro-batches, b rows per global micro-batch.
+
+Start-up (`initialize`): coordinator address, process count and process id come from the config
+(`mesh.coordinator_address` / `mesh.num_processes` / `mesh.process_id`, i.e. command-line
+overrides), else from the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
+`JAX_PROCESS_ID`), else JAX auto-detects them (TPU VM slices, SLURM, Open MPI) when
+`mesh.distributed` is true.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, TypeVar
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from srft_jax import mesh as mesh_lib
+from srft_jax.mesh import MeshConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+# ---- start-up ------------------------------------------------------------------------------
+def resolve_distributed(cfg: MeshConfig, environ: Optional[Mapping[str, str]] = None) -> MeshConfig:
+    """Fills unset coordinator_address / num_processes / process_id from the environment.
+
+    A coordinator address from either source turns `distributed` on. Fails naming the variable
+    when a number does not parse, or when an address is given without the process count and id
+    (JAX's auto-detection only applies when all three are left to it).
+    """
+    env = os.environ if environ is None else environ
+    changes: dict[str, Any] = {}
+    sources = (("coordinator_address", ENV_COORDINATOR, str),
+               ("num_processes", ENV_NUM_PROCESSES, int),
+               ("process_id", ENV_PROCESS_ID, int))
+    for name, var, kind in sources:
+        if getattr(cfg, name) is None and env.get(var):
+            try:
+                changes[name] = kind(env[var])
+            except ValueError:
+                raise ValueError(f"environment variable {var}={env[var]!r} is not an integer") from None
+    cfg = dataclasses.replace(cfg, **changes) if changes else cfg
+    if cfg.coordinator_address is not None:
+        if cfg.num_processes is None or cfg.process_id is None:
+            raise ValueError(
+                f"mesh.coordinator_address={cfg.coordinator_address!r} needs mesh.num_processes and "
+                f"mesh.process_id too (or {ENV_NUM_PROCESSES} / {ENV_PROCESS_ID}); leave all three "
+                f"unset with mesh.distributed=true to let JAX detect them (TPU VMs, SLURM)")
+        if not 0 <= cfg.process_id < cfg.num_processes:
+            raise ValueError(f"mesh.process_id={cfg.process_id} must be in [0, mesh.num_processes="
+                             f"{cfg.num_processes})")
+        cfg = dataclasses.replace(cfg, distributed=True)
+    return cfg
+
+
+def initialize(cfg: MeshConfig, environ: Optional[Mapping[str, str]] = None) -> MeshConfig:
+    """Starts JAX's multi-controller runtime when the (resolved) config asks for it.
+
+    Must run before anything touches a JAX backend (`jax.devices()`, a computation, ...).
+    Returns the resolved config; a no-op for a single process. CPU processes talk through
+    gloo collectives (JAX's default `jax_cpu_collectives_implementation`).
+    """
+    cfg = resolve_distributed(cfg, environ)
+    if not cfg.distributed or jax.distributed.is_initialized():
+        return cfg
+    kwargs: dict[str, Any] = {}
+    if cfg.coordinator_address is not None:
+        kwargs = dict(coordinator_address=cfg.coordinator_address,
+                      num_processes=cfg.num_processes, process_id=cfg.process_id)
+    jax.distributed.initialize(**kwargs)
+    log.info("jax.distributed: process %d of %d, %d local / %d global devices",
+             jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    return cfg
+
+
+def is_main() -> bool:
+    """True on the process that writes metrics, configs and exports (process 0)."""
+    return jax.process_index() == 0
+
+
+# ---- which rows a process feeds ------------------------------------------------------------
+@dataclass(frozen=True)
+class DataShard:
+    """The block of global batch rows a process feeds: block `index` of `count` equal blocks.
+
+    Processes with the same index are replicas (their devices hold the same rows) and must feed
+    identical data; `count` is 1 on a single process.
+    """
+
+    index: int
+    count: int
+
+    def __post_init__(self):
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"DataShard(index={self.index}, count={self.count}) is not a valid shard")
+
+    def local_size(self, global_size: int, what: str) -> int:
+        """`global_size / count`, failing with a message naming `what` when it does not divide."""
+        if global_size % self.count:
+            raise ValueError(f"{what}={global_size} must be divisible by the number of data shards "
+                             f"({self.count}: processes that hold distinct batch rows)")
+        return global_size // self.count
+
+
+def _row_blocks(mesh: Mesh) -> dict[int, tuple[int, ...]]:
+    """process index -> the sorted batch-axis indices its devices hold, for a length-n axis
+    with n = data * fsdp (one index per batch shard)."""
+    n = math.prod(mesh.shape[a] for a in mesh_lib.RULES["batch"])
+    sharding = mesh_lib.batch_sharding(mesh, 1, (n,))
+    rows: dict[int, set[int]] = {}
+    for device, index in sharding.devices_indices_map((n,)).items():
+        rows.setdefault(device.process_index, set()).update(range(*index[0].indices(n)))
+    return {p: tuple(sorted(r)) for p, r in rows.items()}
+
+
+def data_shard(mesh: Mesh, process_index: Optional[int] = None) -> DataShard:
+    """The data shard of a process (default: this one) under `mesh`'s batch sharding."""
+    process_index = jax.process_index() if process_index is None else process_index
+    blocks = _row_blocks(mesh)
+    if process_index not in blocks:
+        raise ValueError(f"process {process_index} holds no device of the mesh")
+    distinct = sorted(set(blocks.values()))
+    sizes = {len(d) for d in distinct}
+    covered = sorted(i for d in distinct for i in d)
+    if len(sizes) != 1 or covered != list(range(len(covered))):
+        raise ValueError(f"the mesh gives processes overlapping or unequal batch rows {blocks}; "
+                         "order the devices so that each process holds whole batch shards")
+    return DataShard(distinct.index(blocks[process_index]), len(distinct))
+
+
+def host_shard(items: Sequence[T], shard_index: int, num_shards: int) -> list[T]:
+    """This shard's items: every `num_shards`-th item from `shard_index`, cut to equal length.
+
+    All shards get exactly `len(items) // num_shards` items (the remainder is dropped), so data
+    iterators with the same seed stay in lockstep on every process and a checkpoint of one
+    iterator position is valid for all.
+    """
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
+    per_shard = len(items) // num_shards
+    if per_shard == 0:
+        raise ValueError(f"{len(items)} items cannot give each of {num_shards} shards one item")
+    return [items[shard_index + k * num_shards] for k in range(per_shard)]
+
+
+# ---- host-local rows <-> global arrays --------------------------------------------------------
+def _batch_spec(mesh: Mesh, shape: Sequence[int], axis: int):
+    logical = [None] * len(shape)
+    logical[axis] = "batch"
+    return mesh_lib.logical_to_spec(tuple(logical), tuple(shape), mesh)
+
+
+def global_shape(local_shape: Sequence[int], shard: DataShard, axis: int) -> tuple[int, ...]:
+    shape = list(local_shape)
+    shape[axis] *= shard.count
+    return tuple(shape)
+
+
+def to_global(local_tree: Any, mesh: Mesh, axis: int = 0, shard: Optional[DataShard] = None) -> Any:
+    """Global arrays, sharded over ('data', 'fsdp') along `axis`, from this process's rows.
+
+    Every leaf of `local_tree` holds this process's B_s rows along `axis` (B_s = B / S); the
+    result has B rows, with shard s's rows at [s * B_s, (s + 1) * B_s). The same sharding as
+    `train_step.batch_shardings` (axis 1, micro-batched [M, b, ...]) and
+    `mesh.batch_sharding` (axis 0). On one process this is `jax.device_put`.
+    """
+    shard = data_shard(mesh) if shard is None else shard
+
+    def one(local):
+        local = np.asarray(local)
+        shape = global_shape(local.shape, shard, axis)
+        spec = _batch_spec(mesh, shape, axis)
+        if shard.count > 1 and spec[axis] is None:
+            raise ValueError(f"{shape[axis]} rows along axis {axis} are not divisible by the batch "
+                             f"shards ('data' x 'fsdp' = {math.prod(mesh.shape[a] for a in mesh_lib.RULES['batch'])}),"
+                             f" so they would be replicated; make the batch size a multiple of it")
+        sharding = NamedSharding(mesh, spec)
+        return jax.make_array_from_process_local_data(sharding, local, shape)
+
+    return jax.tree.map(one, local_tree)
+
+
+def _covers(slices: set[tuple[int, int]], size: int) -> bool:
+    end = 0
+    for start, stop in sorted(slices):
+        if start > end:
+            return False
+        end = max(end, stop)
+    return end >= size
+
+
+def to_local(global_tree: Any, axis: int = 0) -> Any:
+    """numpy copies of the rows (along `axis`) that this process's devices hold, in global order.
+
+    The inverse of `to_global` for batch-sharded arrays (e.g. the sampler's outputs); a fully
+    replicated or fully addressable array comes back whole. Other axes must be complete on this
+    process (sharded only over its own devices, or replicated).
+    """
+
+    def one(x):
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)
+        if x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(jax.device_get(x))
+        shards = x.addressable_shards
+        norm = lambda idx: tuple(s.indices(n)[:2] for s, n in zip(idx, x.shape))
+        row_blocks = sorted({norm(s.index)[axis] for s in shards})
+        offsets, total = {}, 0
+        for start, stop in row_blocks:
+            offsets[(start, stop)] = total
+            total += stop - start
+        for d in range(x.ndim):
+            if d != axis and not _covers({norm(s.index)[d] for s in shards}, x.shape[d]):
+                raise ValueError(f"axis {d} of an array of shape {x.shape} is split across processes; "
+                                 "to_local only gathers rows along the batch axis")
+        out_shape = list(x.shape)
+        out_shape[axis] = total
+        out = np.empty(out_shape, x.dtype)
+        for s in shards:
+            idx = norm(s.index)
+            start, stop = idx[axis]
+            where = [slice(a, b) for a, b in idx]
+            where[axis] = slice(offsets[(start, stop)], offsets[(start, stop)] + stop - start)
+            out[tuple(where)] = np.asarray(s.data)
+        return out
+
+    return jax.tree.map(one, global_tree)
+
+
+def offset_groups(group: np.ndarray, offset: int) -> np.ndarray:
+    """Group ids of a process's rows made global (padding rows keep -1). Use with
+    offset = shard.index * prompts per shard, so that no two processes share a group id."""
+    group = np.asarray(group)
+    return np.where(group >= 0, group + offset, group).astype(group.dtype)
+
+
+# ---- small reductions over processes (host values: metrics, widths) ---------------------------
+def _gathered(value) -> np.ndarray:
+    """[process_count, ...] stack of every process's `value` (the value alone on one process)."""
+    value = np.asarray(value)
+    if jax.process_count() == 1:
+        return value[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(value))
+
+
+def process_max(value: int) -> int:
+    """The largest `value` over processes: agree on shapes (bucket widths) before a step, since
+    every process must compile and run the same program."""
+    return int(_gathered(np.int64(value)).max())
+
+
+def process_sum(values) -> np.ndarray:
+    """Element-wise sum over processes of a float vector (e.g. [reward sum, count, tokens])."""
+    return _gathered(np.asarray(values, np.float64)).sum(axis=0)
+
+
+def process_mean(total: float, count: float) -> float:
+    """Global mean from every process's local (sum, count); 0.0 when the global count is 0."""
+    s, n = process_sum([total, count])
+    return float(s / n) if n else 0.0
