@@ -77,6 +77,7 @@ class TrainConfig:
     updates_per_step: optimiser updates per step, each on an equal share of the prompts
       (paper: 2 updates of 64 prompts).
     micro_batch_size: sequences per forward/backward; gradients accumulate over micro-batches.
+    sample_chunk_prompts: prompts sampled in one sampler call (0 = all); bounds KV-cache memory.
     rollout_temperature: sampling temperature of the rollouts (paper: 1.0).
     loss_chunk_size: sequence chunk of the memory-bounded log-prob/entropy computation.
     recompute_old_logprobs: recompute `old_logprobs` with a forward pass of the training model
@@ -92,6 +93,7 @@ class TrainConfig:
     rollouts_per_prompt: int = 7
     updates_per_step: int = 2
     micro_batch_size: int = 8
+    sample_chunk_prompts: int = 0
     rollout_temperature: float = 1.0
     recompute_old_logprobs: bool = True
     loss_chunk_size: int = 1024
@@ -119,6 +121,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.sample_chunk_prompts < 0:
+            raise ValueError(f"train.sample_chunk_prompts must be >= 0, got {self.sample_chunk_prompts}")
         if self.rollouts_per_prompt < 0:
             raise ValueError(f"train.rollouts_per_prompt must be >= 0, got {self.rollouts_per_prompt}")
         if self.prompts_per_step % self.updates_per_step:
@@ -145,6 +149,9 @@ class EvalConfig:
     every: evaluate every N steps (0 = never; the final step is always evaluated when > 0).
     split: the held-out split of the training data source.
     num_examples: held-out prompts used (0 = all).
+    benchmarks: paper benchmarks also evaluated every `every` steps (e.g. [math500, aime24]),
+      from `benchmark_dir` (local files) or the hub, first `benchmark_limit` items each,
+      `benchmark_samples` samples per item; logged as `eval/<benchmark>/accuracy`.
     """
 
     every: int = 0
@@ -153,12 +160,18 @@ class EvalConfig:
     temperature: float = 0.0
     max_new_tokens: Optional[int] = None
     batch_size: int = 64
+    benchmarks: tuple[str, ...] = ()
+    benchmark_dir: Optional[str] = None
+    benchmark_limit: int = 50
+    benchmark_samples: int = 1
 
     def __post_init__(self):
         if self.every < 0 or self.num_examples < 0 or self.batch_size <= 0:
             raise ValueError("eval.every and eval.num_examples must be >= 0, eval.batch_size > 0")
         if self.temperature < 0:
             raise ValueError(f"eval.temperature must be >= 0, got {self.temperature}")
+        if self.benchmark_limit < 0 or self.benchmark_samples < 1:
+            raise ValueError("eval.benchmark_limit must be >= 0 and eval.benchmark_samples >= 1")
 
 
 @dataclass(frozen=True)

