@@ -75,11 +75,12 @@ def _train_cmd(run_dir, steps):
 
 def test_resume_after_sigkill_is_exact(tmp_path):
     env = dict(os.environ)
-    steps = 4
+    steps = 8
     # Uninterrupted reference run.
     ref = tmp_path / "ref"
     subprocess.run(_train_cmd(ref, steps), check=True, env=env, timeout=600, capture_output=True)
-    # Same command, SIGKILLed as soon as checkpoint 2 is committed, then restarted.
+    # Same command, SIGKILLed as soon as checkpoint 2 is committed (the run is then a step or
+    # two further, possibly inside an asynchronous save), then restarted.
     run = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(run, steps), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -88,7 +89,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
         while not os.path.isdir(run / "checkpoints" / "2"):
             assert proc.poll() is None, "the run ended before its first checkpoint"
             assert time.time() < deadline
-            time.sleep(0.2)
+            time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
