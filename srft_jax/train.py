@@ -400,11 +400,13 @@ def train(cfg: Config) -> TrainResult:
         writer.close()
         ckpt.close()
         export_dir = None
-        if tcfg.export_hf and is_main:
+        if tcfg.export_hf:  # every process joins the gather; process 0 writes
             from srft_jax.models.weights import save_pretrained
 
             export_dir = os.path.join(run_dir, "hf")
-            save_pretrained(model, export_dir, tokenizer=tokenizer)
+            save_pretrained(model, export_dir, tokenizer=tokenizer,
+                            extra_config={"eos_token_id": list(stops), "pad_token_id": pad_id,
+                                          "bos_token_id": tokenizer.bos_token_id})
         plots = []
         if is_main:
             from srft_jax.plot import plot_runs
