@@ -49,15 +49,13 @@ def prompt_ids(tokenizer, prompt: str, system=None, chat_template: bool = True) 
 def run(args) -> int:
     import numpy as np
 
-    from transformers import AutoTokenizer
-
+    from srft_jax.data.tokenizer import decode_response, load_tokenizer, stop_token_ids
     from srft_jax.models import weights
     from srft_jax.sampler import Sampler, SamplerConfig
-    from srft_jax.train import decode_response, stop_token_ids
 
     overrides = {} if args.dtype is None else dict(param_dtype=args.dtype, dtype=args.dtype)
     model, _ = weights.load_pretrained(args.model, **overrides)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
     ids = prompt_ids(tokenizer, args.prompt, args.system, not args.no_chat_template)
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
