@@ -1,6 +1,6 @@
 """Sampler decode throughput against Hugging Face `generate` on the same weights (CPU, float32).
 
-    python benchmarks/sampler_throughput.py               # about 5-8 minutes on 2 CPU cores
+    python benchmarks/sampler_throughput.py               # about 3 minutes on 2 idle CPU cores
     python benchmarks/sampler_throughput.py --repeats 1   # one timed run of each
 
 Builds a Llama-shaped model with random weights in torch (hidden 768, 12 layers, 12 heads,
@@ -105,7 +105,8 @@ def main() -> None:
         dt, _ = time_ours(sampler, model, tokens, 2 * new)
         ours2_times.append(dt)
         print(f"run {rep}: HF {hf_times[-1]:.2f}s  sampler {ours_times[-1]:.2f}s  "
-              f"sampler({2 * new}) {ours2_times[-1]:.2f}s")
+              f"sampler({2 * new}) {ours2_times[-1]:.2f}s  (1-min load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     assert sampler.stats.compiles == compiles, "the timed calls must not recompile"
     agree = float(np.mean(np.cumprod(hf_tokens == our_tokens, axis=1).sum(1) / new))
     hf_tps = b * new / min(hf_times)

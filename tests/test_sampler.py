@@ -41,13 +41,16 @@ def _sampler(stop_ids=(), kv_cache_dtype=None) -> Sampler:
 
 # ---- fixtures: tiny HF models and the same weights in our decoder --------------------------------
 def _hf_model(arch: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0 if arch == "qwen2" else 1)
+    torch.manual_seed({"qwen2": 0, "llama": 1, "qwen3": 2}[arch])
     if arch == "qwen2":
         hf = Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    elif arch == "qwen3":  # q/k RMSNorm and head_dim * heads != hidden
+        hf = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=32)).eval()
     else:
         hf = LlamaForCausalLM(LlamaConfig(**common, rope_theta=5e5)).eval()
     with torch.no_grad():  # make norms and biases non-trivial, and logits less flat
@@ -114,7 +117,7 @@ def _log_softmax(x):
 
 
 # ---- greedy parity with transformers ------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
 def test_greedy_matches_hf_generate(arch, tmp_root):
     hf, model = _pair(arch, tmp_root)
     tokens, mask = _prompts(LENGTHS)
@@ -458,3 +461,28 @@ def test_sample_command_prints_samples(tmp_path, capsys):
     greedy = cli.main(["sample", "--model", str(tmp_path), "--prompt", "hi", "--temperature", "0",
                        "--max-new-tokens", "3", "--no-chat-template"])
     assert greedy == 0 and "=== sample 0 (" in capsys.readouterr().out
+
+
+def test_decode_phases_do_not_change_results(tmp_root):
+    """SMALL decodes 12 tokens in two phases (cache P+8, then P+16); one phase gives the same."""
+    _, model = _pair("llama", tmp_root)
+    tokens, mask = _prompts(LENGTHS)
+    phased = _sampler().generate(model, tokens, mask, num_samples=2, temperature=1.0, rng=9)
+    single = Sampler(SMALL.replace(response_buckets=(16,)), stop_ids=(), pad_id=PAD).generate(
+        model, tokens, mask, num_samples=2, temperature=1.0, rng=9)
+    np.testing.assert_array_equal(phased.tokens, single.tokens)
+    np.testing.assert_allclose(phased.raw_logprobs, single.raw_logprobs, atol=1e-5)
+    assert phased.num_steps == single.num_steps == 12
+
+
+def test_unhoisted_weights_path_matches(tmp_root, monkeypatch):
+    """The accelerator path (weights viewed inside the step, [in, out] kernels) gives the same
+    rollouts as the CPU path (weights copied to [out, in] before the loop)."""
+    _, model = _pair("qwen2", tmp_root)
+    tokens, mask = _prompts(LENGTHS)
+    hoisted = _sampler().generate(model, tokens, mask, num_samples=2, temperature=1.0, rng=4)
+    monkeypatch.setattr(sampler_lib, "_hoist_decode_weights", lambda: False)
+    views = Sampler(SMALL, stop_ids=(), pad_id=PAD).generate(model, tokens, mask, num_samples=2,
+                                                            temperature=1.0, rng=4)
+    np.testing.assert_array_equal(views.tokens, hoisted.tokens)
+    np.testing.assert_allclose(views.raw_logprobs, hoisted.raw_logprobs, atol=1e-5)
