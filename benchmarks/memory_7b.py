@@ -187,15 +187,19 @@ def decode_reports(mesh, prompts: int, remat: str, model: str = "7b") -> list[Re
     key = jax.eval_shape(lambda: jax.random.key(0))
     out = []
     with jax.set_mesh(mesh):
-        shape = sampler_lib._Shape(batch=prompts, prompt_len=PROMPT, response_len=RESPONSE, num_samples=g,
-                                   strategy=sampler_lib.Temperature(1.0), kv_cache_dtype="bfloat16",
-                                   stop_ids=(151643, 151645), pad_id=151643)
+        phases = tuple(b for b in sampler_lib.SamplerConfig().response_buckets if b < RESPONSE) + (RESPONSE,)
+        shape = sampler_lib._DecodeShape(batch=prompts, prompt_len=PROMPT, num_samples=g,
+                                         strategy=sampler_lib.Temperature(1.0), kv_cache_dtype="bfloat16",
+                                         phases=phases)
+        # Memory as on TPU/GPU: no CPU-only transposed copy of the block weights.
+        sampler_lib._hoist_decode_weights = lambda *a, **k: False
         loop = jax.jit(functools.partial(sampler_lib._decode, graphdef, shape))
         out.append(analyse(
             f"sampler decode loop ({prompts} prompts x {g} = {n} rows, cache {PROMPT}+{RESPONSE} bf16)",
             loop, abstract_state, cache(prompts, PROMPT), sds((prompts, V), jnp.float32, row_sh((prompts, V))),
             sds((prompts,), jnp.int32, row_sh((prompts,))), sds(key.shape, key.dtype, rep),
-            sds((prompts,), jnp.int32, row_sh((prompts,))), sds((), jnp.int32, rep)))
+            sds((prompts,), jnp.int32, row_sh((prompts,))), sds((), jnp.int32, rep),
+            sds((2,), jnp.int32, rep), sds((), jnp.int32, rep)))
 
         def one_step(state, tokens, positions, kv):
             logits, kv = nnx.merge(graphdef, state).decode(tokens, positions, kv)
