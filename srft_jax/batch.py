@@ -130,15 +130,6 @@ def build_mixed_batch(
     return batch
 
 
-def split_rows(batch: MixedBatch, parts: int) -> list[MixedBatch]:
-    """`parts` contiguous, equally sized slices of the rows (mini-batches)."""
-    n = batch.size
-    if n % parts:
-        raise ValueError(f"{n} rows cannot be split into {parts} equal mini-batches")
-    k = n // parts
-    return [batch.map(lambda a, i=i: a[i * k:(i + 1) * k]) for i in range(parts)]
-
-
 def to_micro_batches(batch: MixedBatch, micro_batch_size: int) -> MixedBatch:
     """Reshapes every array from [B, ...] to [B // b, b, ...] for the train step's scan."""
     n = batch.size

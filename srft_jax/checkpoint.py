@@ -56,9 +56,6 @@ class Checkpointer:
             params=ocp.args.StandardRestore(abstract)))
         return out["params"]
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
