@@ -351,6 +351,7 @@ def train(cfg: Config) -> TrainResult:
                              "%d rows in micro-batches of %d", p_width, r_width, rows_per_update, mb)
                     metrics["compile/train_step"] = 1.0
                 train_fn, lp_fn, b_sh = jitted[key]
+                train_tokens = float(sum(np.sum(m.response_mask) for m in minis))  # host arrays
                 minis = [jax.device_put(m, b_sh) for m in minis]
                 if tcfg.recompute_old_logprobs and n_roll:
                     minis = [dataclasses.replace(m, old_logprobs=lp_fn(params, m)) for m in minis]
@@ -366,7 +367,6 @@ def train(cfg: Config) -> TrainResult:
                     metrics[k] = float(np.mean([float(um[k]) for um in upd_metrics]))
                 skipped_total += int(sum(float(um["train/skipped"]) for um in upd_metrics))
                 metrics["train/skipped_total"] = skipped_total
-                train_tokens = sum(float(np.sum(np.asarray(jax.device_get(m.response_mask)))) for m in minis)
                 metrics["time/reward_s"] = t_update0 - t_reward
                 metrics["time/update_s"] = t_update - t_update0
                 metrics["throughput/train_tokens_per_s"] = train_tokens / max(t_update - t_update0, 1e-9)
