@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 from srft_jax import mesh as mesh_lib
 from srft_jax.batch import MixedBatch
 from srft_jax.losses import SRFTLossConfig, chunked_token_logprobs_and_entropy, loss_normalizers, srft_loss
-from srft_jax.models.decoder import param_logical_axes
+from srft_jax.models.weights import state_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +60,8 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
 
 def param_shardings(params: Any, mesh) -> Any:
-    """NamedShardings of a parameter state from the decoder's logical axes table."""
-
-    def one(path, leaf):
-        names = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-        return mesh_lib.named_sharding(mesh, param_logical_axes(names), leaf.shape)
-
-    return jax.tree_util.tree_map_with_path(one, params)
+    """NamedShardings of a parameter pure dict (the decoder's logical axes on `mesh`)."""
+    return state_shardings(params, mesh)
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, params: Any, p_shardings: Any, mesh) -> Any:

@@ -255,9 +255,10 @@ def _path_names(path) -> tuple[str, ...]:
 
 
 def state_shardings(model_or_state: Any, mesh: Optional[Mesh] = None):
-    """The sharding of every parameter (a pytree like the state): NamedSharding from the
-    parameter's logical axes on `mesh`, or the first device when `mesh` is None."""
-    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+    """The sharding of every parameter (a pytree like the state, or like its pure dict):
+    NamedSharding from the parameter's logical axes on `mesh`, or the first device when `mesh`
+    is None."""
+    state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
     single = SingleDeviceSharding(jax.devices()[0])
 
     def one(path, leaf):
