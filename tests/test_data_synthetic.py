@@ -53,6 +53,31 @@ def test_problems_are_correct_and_in_the_openr1_layout():
         assert row["prompt"][0]["role"] == "system" and row["target"][0]["role"] == "assistant"
 
 
+def test_max_value_bounds_every_running_value():
+    """The demo's task: every intermediate and final value is one digit (one token)."""
+    rows = generate_problems(2000, seed=1, max_value=9)
+    questions = set()
+    for row in rows:
+        question = row["prompt"][1]["content"].removeprefix("This is the problem: ")
+        questions.add(question)
+        value, partial, _ = evaluate_question(question)
+        assert all(0 <= v <= 9 for v in partial)
+        assert row["reward_model"]["ground_truth"] == str(value)
+    # Independent count of the distinct train problems with 2-3 operands 0..9 and values in 0..9.
+    def count(value, steps):  # operator/operand sequences from `value` that stay in 0..9
+        if steps == 0:
+            return 1
+        return sum(count(value + x, steps - 1) for x in range(10) if value + x <= 9) + sum(
+            count(value - x, steps - 1) for x in range(10) if value - x >= 0)
+    total = sum(count(a, 1) + count(a, 2) for a in range(10))
+    all_rows = generate_problems(5000, seed=0, max_value=9) + generate_problems(5000, seed=0, split="test",
+                                                                                max_value=9)
+    distinct = {r["prompt"][1]["content"] for r in all_rows}
+    assert len(distinct) == total
+    unbounded = {r["prompt"][1]["content"] for r in generate_problems(5000, seed=0)}
+    assert any(evaluate_question(q.removeprefix("This is the problem: "))[0] > 9 for q in unbounded)
+
+
 def test_generation_is_deterministic_and_splits_are_disjoint():
     assert generate_problems(50, seed=1) == generate_problems(50, seed=1)
     assert generate_problems(50, seed=1) != generate_problems(50, seed=2)
@@ -98,6 +123,8 @@ def test_whole_pipeline_loads_and_demonstrations_earn_reward(tmp_path, tokenizer
 
 
 def test_argument_validation():
+    with pytest.raises(ValueError, match="synthetic_max_value"):
+        DataConfig.synthetic(synthetic_max_operand=9, synthetic_max_value=5)
     with pytest.raises(ValueError, match="split"):
         generate_problems(1, seed=0, split="dev")
     with pytest.raises(ValueError, match="min_operands"):

@@ -50,6 +50,8 @@ class DataConfig:
       require_demo: rows without a demonstration are bad rows (SRFT needs one per prompt).
       synthetic_max_operand / synthetic_max_operands: size of the synthetic arithmetic task
         (`source: synthetic` only): operands 0..max_operand, 2..max_operands of them.
+      synthetic_max_value: keep only synthetic problems whose running value stays in
+        0..synthetic_max_value (9: every number is one digit token); None = no upper bound.
     """
 
     source: str = ""
@@ -69,6 +71,7 @@ class DataConfig:
     require_demo: bool = True
     synthetic_max_operand: int = 9
     synthetic_max_operands: int = 3
+    synthetic_max_value: Optional[int] = None
 
     def __post_init__(self):
         if self.max_prompt_len < 1:
@@ -89,6 +92,10 @@ class DataConfig:
             raise ValueError(f"synthetic_max_operand must be in 1..9, got {self.synthetic_max_operand}")
         if not 2 <= self.synthetic_max_operands <= 4:
             raise ValueError(f"synthetic_max_operands must be in 2..4, got {self.synthetic_max_operands}")
+        if self.synthetic_max_value is not None and not (
+                self.synthetic_max_operand <= self.synthetic_max_value <= 99):
+            raise ValueError(f"synthetic_max_value must be None or in synthetic_max_operand..99, "
+                             f"got {self.synthetic_max_value}")
         if not self.split:
             raise ValueError("split must be a non-empty string")
 

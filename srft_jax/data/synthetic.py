@@ -92,8 +92,10 @@ def make_synthetic_tokenizer(save_dir: Optional[str] = None) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-def _all_problems(min_operands: int, max_operands: int, max_operand: int):
-    """Every (operands, operators) with a non-negative running value, in a fixed order."""
+def _all_problems(min_operands: int, max_operands: int, max_operand: int,
+                  max_value: Optional[int] = None):
+    """Every (operands, operators) whose running value stays in ``0..max_value``
+    (no upper bound when ``max_value`` is None), in a fixed order."""
     for n in range(min_operands, max_operands + 1):
         for operands in itertools.product(range(max_operand + 1), repeat=n):
             for ops in itertools.product("+-", repeat=n - 1):
@@ -101,7 +103,7 @@ def _all_problems(min_operands: int, max_operands: int, max_operand: int):
                 ok = True
                 for op, x in zip(ops, operands[1:]):
                     value = value + x if op == "+" else value - x
-                    if value < 0:
+                    if value < 0 or (max_value is not None and value > max_value):
                         ok = False
                         break
                 if ok:
@@ -150,6 +152,7 @@ def generate_problems(
     min_operands: int = 2,
     max_operands: int = 3,
     max_operand: int = 9,
+    max_value: Optional[int] = None,
     test_percent: int = 10,
     system_prompt: str = SYNTHETIC_SYSTEM_PROMPT,
 ) -> list[dict]:
@@ -167,7 +170,7 @@ def generate_problems(
     if not 0 <= test_percent <= 100:
         raise ValueError(f"test_percent must be in [0, 100], got {test_percent}")
     pool = []
-    for operands, ops in _all_problems(min_operands, max_operands, max_operand):
+    for operands, ops in _all_problems(min_operands, max_operands, max_operand, max_value):
         question, demo, answer = _render(operands, ops)
         if problem_split(question, test_percent) == split:
             pool.append((question, demo, answer))
