@@ -4,6 +4,10 @@ step, the data iterator position and anything else the loop needs to continue ex
 Saves are asynchronous and committed atomically by orbax (written to a temporary directory and
 renamed when complete), so a run killed at any moment, `kill -9` included, leaves either a
 complete checkpoint or one that `latest_step()` does not see.
+
+With several processes (`jax.distributed`) every process calls `save`, `restore` and `close`
+together: each writes and reads only the shards its devices hold, and orbax's primary host
+(process 0) writes the JSON record, so the run directory must be storage all hosts see.
 """
 
 from __future__ import annotations

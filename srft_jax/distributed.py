@@ -129,7 +129,7 @@ class DataShard:
 def _row_blocks(mesh: Mesh) -> dict[int, tuple[int, ...]]:
     """process index -> the sorted batch-axis indices its devices hold, for a length-n axis
     with n = data * fsdp (one index per batch shard)."""
-    n = math.prod(mesh.shape[a] for a in mesh_lib.RULES["batch"])
+    n = batch_shards(mesh)
     sharding = mesh_lib.batch_sharding(mesh, 1, (n,))
     rows: dict[int, set[int]] = {}
     for device, index in sharding.devices_indices_map((n,)).items():
@@ -152,19 +152,36 @@ def data_shard(mesh: Mesh, process_index: Optional[int] = None) -> DataShard:
     return DataShard(distinct.index(blocks[process_index]), len(distinct))
 
 
-def host_shard(items: Sequence[T], shard_index: int, num_shards: int) -> list[T]:
-    """This shard's items: every `num_shards`-th item from `shard_index`, cut to equal length.
+def host_shard(items: Sequence[T], shard_index: int, num_shards: int, *, equal: bool = True) -> list[T]:
+    """This shard's items: every `num_shards`-th item from `shard_index`.
 
-    All shards get exactly `len(items) // num_shards` items (the remainder is dropped), so data
-    iterators with the same seed stay in lockstep on every process and a checkpoint of one
-    iterator position is valid for all.
+    equal=True: all shards get exactly `len(items) // num_shards` items (the remainder is
+    dropped), so data iterators with the same seed stay in lockstep on every process and a
+    checkpoint of one iterator position is valid for all. equal=False: nothing is dropped and
+    the first `len(items) % num_shards` shards get one item more (possibly none at all for the
+    others: evaluation sets, where `Sampler.generate` pads the processes to equal rows).
     """
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
+    if not equal:
+        return list(items[shard_index::num_shards])
     per_shard = len(items) // num_shards
     if per_shard == 0:
         raise ValueError(f"{len(items)} items cannot give each of {num_shards} shards one item")
     return [items[shard_index + k * num_shards] for k in range(per_shard)]
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """Number of devices a batch's rows are split over ('data' x 'fsdp')."""
+    return math.prod(mesh.shape[a] for a in mesh_lib.RULES["batch"])
+
+
+def is_shard_leader(mesh: Mesh, process_index: Optional[int] = None) -> bool:
+    """True on the lowest-numbered process of its data shard: the one whose per-shard values
+    count in `shard_sum` (replicas of a shard hold the same rows and would count them twice)."""
+    process_index = jax.process_index() if process_index is None else process_index
+    blocks = _row_blocks(mesh)
+    return process_index == min(p for p, rows in blocks.items() if rows == blocks[process_index])
 
 
 # ---- host-local rows <-> global arrays --------------------------------------------------------
@@ -196,7 +213,7 @@ def to_global(local_tree: Any, mesh: Mesh, axis: int = 0, shard: Optional[DataSh
         spec = _batch_spec(mesh, shape, axis)
         if shard.count > 1 and spec[axis] is None:
             raise ValueError(f"{shape[axis]} rows along axis {axis} are not divisible by the batch "
-                             f"shards ('data' x 'fsdp' = {math.prod(mesh.shape[a] for a in mesh_lib.RULES['batch'])}),"
+                             f"shards ('data' x 'fsdp' = {batch_shards(mesh)}),"
                              f" so they would be replicated; make the batch size a multiple of it")
         sharding = NamedSharding(mesh, spec)
         return jax.make_array_from_process_local_data(sharding, local, shape)
@@ -213,13 +230,18 @@ def _covers(slices: set[tuple[int, int]], size: int) -> bool:
     return end >= size
 
 
-def to_local(global_tree: Any, axis: int = 0) -> Any:
+def to_local(global_tree: Any, axis: int = 0, shard: Optional[DataShard] = None) -> Any:
     """numpy copies of the rows (along `axis`) that this process's devices hold, in global order.
 
     The inverse of `to_global` for batch-sharded arrays (e.g. the sampler's outputs); a fully
     replicated or fully addressable array comes back whole. Other axes must be complete on this
     process (sharded only over its own devices, or replicated).
+    shard: return exactly that data shard's block of rows, [s * B_s, (s + 1) * B_s) with
+    B_s = B / S, whatever the array's sharding (batch-sharded or replicated), as long as this
+    process's devices hold those rows; the exact inverse of `to_global(..., shard=shard)`.
     """
+    if shard is not None:
+        return jax.tree.map(lambda x: _shard_block(x, axis, shard), global_tree)
 
     def one(x):
         if not isinstance(x, jax.Array):
@@ -251,6 +273,33 @@ def to_local(global_tree: Any, axis: int = 0) -> Any:
     return jax.tree.map(one, global_tree)
 
 
+def _shard_block(x, axis: int, shard: DataShard) -> np.ndarray:
+    """Rows [s * B_s, (s + 1) * B_s) of `x` along `axis`, read from this process's shards."""
+    rows = shard.local_size(x.shape[axis], f"rows along axis {axis} of an array of shape {x.shape}")
+    lo = shard.index * rows
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x)).take(np.arange(lo, lo + rows), axis=axis)
+    shape = list(x.shape)
+    shape[axis] = rows
+    out = np.empty(shape, x.dtype)
+    written = np.zeros(shape, bool)
+    for s in x.addressable_shards:
+        idx = [sl.indices(n)[:2] for sl, n in zip(s.index, x.shape)]
+        start, stop = max(idx[axis][0], lo), min(idx[axis][1], lo + rows)
+        if start >= stop:
+            continue
+        src = [slice(None)] * x.ndim
+        src[axis] = slice(start - idx[axis][0], stop - idx[axis][0])
+        dst = [slice(a, b) for a, b in idx]
+        dst[axis] = slice(start - lo, stop - lo)
+        out[tuple(dst)] = np.asarray(s.data)[tuple(src)]
+        written[tuple(dst)] = True
+    if not written.all():
+        raise ValueError(f"this process's devices do not hold all rows [{lo}, {lo + rows}) of an array "
+                         f"of shape {x.shape} (sharding {x.sharding})")
+    return out
+
+
 def offset_groups(group: np.ndarray, offset: int) -> np.ndarray:
     """Group ids of a process's rows made global (padding rows keep -1). Use with
     offset = shard.index * prompts per shard, so that no two processes share a group id."""
@@ -260,19 +309,28 @@ def offset_groups(group: np.ndarray, offset: int) -> np.ndarray:
 
 # ---- small reductions over processes (host values: metrics, widths) ---------------------------
 def _gathered(value) -> np.ndarray:
-    """[process_count, ...] stack of every process's `value` (the value alone on one process)."""
+    """[process_count, ...] stack of every process's `value` (the value alone on one process).
+
+    The bytes travel as uint8, so 64-bit values arrive exactly (JAX would cast them to 32
+    bits unless jax_enable_x64 is on).
+    """
     value = np.asarray(value)
     if jax.process_count() == 1:
         return value[None]
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(value))
+    raw = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+    stacked = np.asarray(multihost_utils.process_allgather(raw))  # [process_count, bytes]
+    return np.ascontiguousarray(stacked).view(value.dtype).reshape((-1,) + value.shape)
 
 
-def process_max(value: int) -> int:
+def process_max(value):
     """The largest `value` over processes: agree on shapes (bucket widths) before a step, since
-    every process must compile and run the same program."""
-    return int(_gathered(np.int64(value)).max())
+    every process must compile and run the same program. An int gives an int; a sequence of
+    ints gives a tuple of element-wise maxima (one collective for several widths)."""
+    if np.ndim(value) == 0:
+        return int(_gathered(np.int64(value)).max())
+    return tuple(int(v) for v in _gathered(np.asarray(value, np.int64)).max(axis=0))
 
 
 def process_sum(values) -> np.ndarray:
@@ -284,3 +342,21 @@ def process_mean(total: float, count: float) -> float:
     """Global mean from every process's local (sum, count); 0.0 when the global count is 0."""
     s, n = process_sum([total, count])
     return float(s / n) if n else 0.0
+
+
+def shard_sum(values, mesh: Mesh) -> np.ndarray:
+    """Element-wise sum over data shards of per-shard float values (sums over a process's own
+    rows: rewards, token counts): like `process_sum`, but each data shard counts once however
+    many processes feed it (see `is_shard_leader`). Exact for integer-valued sums."""
+    values = np.asarray(values, np.float64)
+    if jax.process_count() == 1:
+        return values
+    return process_sum(values if is_shard_leader(mesh) else np.zeros_like(values))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (a no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

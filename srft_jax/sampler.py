@@ -39,7 +39,9 @@ Shapes are bucketed so that a training run compiles a handful of programs; every
 logged, and `Sampler.stats` counts compiles and prefill calls (tests assert on them). Under a
 mesh (`jax.set_mesh(mesh)` or `generate(..., mesh=mesh)`) prompt rows are sharded over
 ('data', 'fsdp') and the cache's key/value heads over 'tensor'; the decoder constrains its own
-activations.
+activations. With several processes (`jax.distributed`) each process passes its own prompt rows
+and gets its own rows' samples back from one global prefill and decode (`distributed.to_global`
+/ `to_local`); see `Sampler.generate`.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from srft_jax import mesh as mesh_lib
+from srft_jax import distributed, mesh as mesh_lib
 from srft_jax.models.decoder import KVCache, apply_rope, dtype_of, positions_from_mask, rope_inv_freq
 
 log = logging.getLogger(__name__)
@@ -602,6 +604,15 @@ def left_pad(tokens: np.ndarray, mask: np.ndarray, width: int, pad_id: int):
     return tokens, np.pad(mask, ((0, 0), (extra, 0)))
 
 
+def _pad_rows(tokens: np.ndarray, mask: np.ndarray, rows: int, pad_id: int):
+    """Appends dummy prompts (one real pad token) up to `rows` rows; their samples are dropped."""
+    extra = rows - tokens.shape[0]
+    pad_tokens = np.full((extra, tokens.shape[1]), pad_id, np.int32)
+    pad_mask = np.zeros((extra, tokens.shape[1]), mask.dtype)
+    pad_mask[:, -1] = 1
+    return np.concatenate([tokens, pad_tokens]), np.concatenate([mask, pad_mask])
+
+
 def _check_prompts(tokens: np.ndarray, mask: np.ndarray) -> None:
     if tokens.ndim != 2 or tokens.shape != mask.shape:
         raise ValueError(f"prompt_tokens {tokens.shape} and prompt_mask {mask.shape} must both be [B,P]")
@@ -677,6 +688,13 @@ class Sampler:
         max_new_tokens / temperature / top_p / top_k: override the config for this call.
         mesh: shard over this mesh (default: the mesh set with `jax.set_mesh`, if any).
         Returns host numpy arrays (`SampleOutput`); the first call of a shape compiles.
+
+        Several processes (`jax.process_count() > 1`, a mesh required): every process calls
+        this together (the same settings and seed) with its own rows, B_p of them (0 allowed),
+        and gets its own rows' samples back. The call samples one global batch: each process's
+        rows are padded to the same count (a multiple of its share of the batch devices) and
+        the prompt width to the widest process's; the default prompt_ids are then the rows'
+        global positions, so pass global ids to get the draws of a one-process run.
         """
         overrides = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                          top_k=top_k)
@@ -688,44 +706,97 @@ class Sampler:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         tokens = np.asarray(prompt_tokens, np.int32)
         mask = np.asarray(prompt_mask).astype(np.int32)
+        mesh = _active_mesh(mesh)
+        if jax.process_count() > 1:
+            return self._generate_global(model, tokens, mask, num_samples, key, prompt_ids, cfg, mesh)
         _check_prompts(tokens, mask)
         b = tokens.shape[0]
         ids = np.arange(b, dtype=np.int32) if prompt_ids is None else np.asarray(prompt_ids, np.int32)
         if ids.shape != (b,):
             raise ValueError(f"prompt_ids must have shape ({b},), got {ids.shape}")
         p = bucket(tokens.shape[1], cfg.prompt_buckets, "prompt_buckets")
-        r = bucket(cfg.max_new_tokens, cfg.response_buckets, "response_buckets")
         tokens, mask = left_pad(tokens, mask, p, self.pad_id)
         prompt_lens = mask.sum(1).astype(np.int32)
-        strategy = make_strategy(cfg.temperature, cfg.top_p, cfg.top_k)
         graphdef, state = nnx.split(model)
-        mesh = _active_mesh(mesh)
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             if mesh is not None:
                 tokens = jax.device_put(tokens, mesh_lib.batch_sharding(mesh, 2, tokens.shape))
                 mask = jax.device_put(mask, mesh_lib.batch_sharding(mesh, 2, mask.shape))
-            prefill = self._program("prefill", graphdef, _PrefillShape(b, p, cfg.kv_cache_dtype))
-            phases = tuple(x for x in cfg.response_buckets if x < r) + (r,)
-            decode = self._program("decode", graphdef, _DecodeShape(
-                b, p, num_samples, strategy, cfg.kv_cache_dtype, phases))
-            t0 = time.perf_counter()
-            cache, last_logits = jax.block_until_ready(prefill(state, tokens, mask))
-            t1 = time.perf_counter()
-            out = jax.device_get(decode(state, cache, last_logits, prompt_lens, key, ids,
-                                        np.int32(cfg.max_new_tokens), self._stop_array,
-                                        np.int32(self.pad_id)))
-            t2 = time.perf_counter()
+            out = self._run(graphdef, state, tokens, mask, prompt_lens, key, ids, num_samples, cfg)
+            out = jax.device_get(out)
+        return self._output(out, b, num_samples)
+
+    def _run(self, graphdef, state, tokens, mask, prompt_lens, key, ids, num_samples: int,
+             cfg: SamplerConfig) -> dict:
+        """Prefill and decode of B (global) prompt rows [B,P]; the decode program's outputs."""
+        b, p = tokens.shape
+        r = bucket(cfg.max_new_tokens, cfg.response_buckets, "response_buckets")
+        strategy = make_strategy(cfg.temperature, cfg.top_p, cfg.top_k)
+        prefill = self._program("prefill", graphdef, _PrefillShape(b, p, cfg.kv_cache_dtype))
+        phases = tuple(x for x in cfg.response_buckets if x < r) + (r,)
+        decode = self._program("decode", graphdef, _DecodeShape(
+            b, p, num_samples, strategy, cfg.kv_cache_dtype, phases))
+        t0 = time.perf_counter()
+        cache, last_logits = jax.block_until_ready(prefill(state, tokens, mask))
+        t1 = time.perf_counter()
+        out = jax.block_until_ready(decode(state, cache, last_logits, prompt_lens, key, ids,
+                                           np.int32(cfg.max_new_tokens), self._stop_array,
+                                           np.int32(self.pad_id)))
+        self.stats.prefill_seconds += t1 - t0
+        self.stats.decode_seconds += time.perf_counter() - t1
+        return out
+
+    def _output(self, out: dict, b: int, num_samples: int) -> SampleOutput:
+        """The first b prompts' rows of host outputs, counted in the stats."""
+        n = b * num_samples
         self.stats.prefill_calls += 1
         self.stats.prefill_rows += b
-        self.stats.prefill_seconds += t1 - t0
-        self.stats.decode_seconds += t2 - t1
         self.stats.decode_calls += 1
-        self.stats.decode_rows += b * num_samples
-        self.stats.generated_tokens += int(out["lengths"].sum())
+        self.stats.decode_rows += n
+        self.stats.generated_tokens += int(out["lengths"][:n].sum())
         return SampleOutput(
-            tokens=out["tokens"], mask=out["mask"], lengths=out["lengths"],
-            finished_by_stop=out["finished_by_stop"], logprobs=out["logprobs"],
-            raw_logprobs=out["raw_logprobs"],
+            tokens=out["tokens"][:n], mask=out["mask"][:n], lengths=out["lengths"][:n],
+            finished_by_stop=out["finished_by_stop"][:n], logprobs=out["logprobs"][:n],
+            raw_logprobs=out["raw_logprobs"][:n],
             prompt_index=np.repeat(np.arange(b, dtype=np.int32), num_samples),
             sample_index=np.tile(np.arange(num_samples, dtype=np.int32), b),
             num_steps=int(out["num_steps"]))
+
+    def _generate_global(self, model, tokens, mask, num_samples: int, key, prompt_ids,
+                         cfg: SamplerConfig, mesh) -> SampleOutput:
+        """`generate` with several processes: this process's rows -> one global batch -> its rows."""
+        if mesh is None:
+            raise ValueError("with several processes, Sampler.generate needs a mesh "
+                             "(mesh=... or jax.set_mesh)")
+        if tokens.ndim != 2 or tokens.shape != mask.shape:
+            raise ValueError(f"prompt_tokens {tokens.shape} and prompt_mask {mask.shape} must both be [B,P]")
+        b = tokens.shape[0]
+        if b:
+            _check_prompts(tokens, mask)
+        shard = distributed.data_shard(mesh)
+        per_process = distributed.batch_shards(mesh) // shard.count  # batch devices per data shard
+        most, width = distributed.process_max([b, tokens.shape[1] if b else 0])
+        if most == 0 or width == 0:
+            raise ValueError("empty prompt batch on every process")
+        rows = -(-most // per_process) * per_process  # B_s: this process's share of the batch
+        if prompt_ids is None:
+            ids = shard.index * rows + np.arange(b, dtype=np.int32)
+        else:
+            ids = np.asarray(prompt_ids, np.int32)
+            if ids.shape != (b,):
+                raise ValueError(f"prompt_ids must have shape ({b},), got {ids.shape}")
+        p = bucket(width, cfg.prompt_buckets, "prompt_buckets")
+        if b:
+            tokens, mask = left_pad(tokens, mask, p, self.pad_id)
+        else:
+            tokens, mask = np.zeros((0, p), np.int32), np.zeros((0, p), np.int32)
+        tokens, mask = _pad_rows(tokens, mask, rows, self.pad_id)
+        ids = np.concatenate([ids, np.zeros(rows - b, np.int32)])
+        prompt_lens = mask.sum(1).astype(np.int32)
+        graphdef, state = nnx.split(model)
+        with jax.set_mesh(mesh):
+            inputs = distributed.to_global((tokens, mask, prompt_lens, ids), mesh, axis=0, shard=shard)
+            out = self._run(graphdef, state, *inputs[:3], key, inputs[3], num_samples, cfg)
+            num_steps = distributed.to_local(out.pop("num_steps"))
+            out = distributed.to_local(out, axis=0, shard=shard)
+        return self._output({**out, "num_steps": num_steps}, b, num_samples)

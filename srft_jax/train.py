@@ -9,6 +9,15 @@ build one mixed batch with group advantages over each augmented group; run
 `train.updates_per_step` jitted updates on equal shares of the prompts; log; evaluate;
 checkpoint. A run restarted with the same command continues from its latest complete
 checkpoint exactly as if it had not stopped.
+
+Several processes (`jax.distributed`, the same command on every host): the prompt iterator is
+global (the same batch on every process); each data shard takes its share of every update's
+prompts (`local_prompt_indices`), samples them in one global sampler call with their step-wide
+prompt ids (so the draws are those of a one-process run), scores them, and builds its rows of
+each mini-batch, which `distributed.to_global` joins into the global batch of the jitted update
+(the loss normalisers are computed inside it, over the global batch). Widths are agreed with
+`process_max`; logged figures are sums over data shards (`shard_sum`). Process 0 writes the
+metrics, plots and HF export; every process saves and restores its shards of the checkpoints.
 """
 
 from __future__ import annotations
@@ -108,7 +117,8 @@ def load_examples(cfg: Config, tokenizer, run_dir: str) -> tuple[list[Example], 
         if jax.process_index() == 0 or not os.path.isdir(data_dir):
             write_synthetic_dataset(data_dir, SYNTHETIC_TRAIN, SYNTHETIC_TEST, seed=data_cfg.seed,
                                     max_operand=data_cfg.synthetic_max_operand,
-                                    max_operands=data_cfg.synthetic_max_operands)
+                                    max_operands=data_cfg.synthetic_max_operands,
+                                    max_value=data_cfg.synthetic_max_value)
         data_cfg = dataclasses.replace(data_cfg, source=data_dir)
     train, stats = load_training_examples_from_config(data_cfg, tokenizer)
     log.info("training data: %s", stats.summary())
@@ -168,8 +178,15 @@ def init_model(cfg: Config, model_cfg: ModelConfig, mesh) -> nnx.Module:
 
 # ---- evaluation on held-out prompts --------------------------------------------------------
 def heldout_accuracy(model, sampler: Sampler, examples: list[Example], tokenizer, pool: RewardPool,
-                     cfg: Config, prompt_buckets, seed: int) -> dict:
-    """Accuracy of `eval.temperature` sampling (greedy by default) on held-out examples."""
+                     cfg: Config, prompt_buckets, seed: int, mesh=None) -> dict:
+    """Accuracy of `eval.temperature` sampling (greedy by default) on held-out examples.
+
+    With several processes each takes its share of every batch of `eval.batch_size` examples
+    (`host_shard`, nothing dropped), samples it in one global sampler call and scores it; the
+    counts are summed over data shards (`mesh` required). A row's prompt id is its position in
+    its batch, as in a one-process run, so the figures do not depend on the process count.
+    """
+    shard = distributed.data_shard(mesh) if mesh is not None else distributed.DataShard(0, 1)
     stops = stop_token_ids(tokenizer)
     pad_id = sampler.pad_id
     correct, lengths = [], []
@@ -177,14 +194,17 @@ def heldout_accuracy(model, sampler: Sampler, examples: list[Example], tokenizer
     for start in range(0, len(examples), cfg.eval.batch_size):
         chunk = examples[start:start + cfg.eval.batch_size]
         width = bucket_length(max(len(e.prompt_ids) for e in chunk), prompt_buckets)
-        tokens, mask = left_pad([e.prompt_ids for e in chunk], width, pad_id)
+        rows = distributed.host_shard(range(len(chunk)), shard.index, shard.count, equal=False)
+        tokens, mask = left_pad([chunk[i].prompt_ids for i in rows], width, pad_id)
         out = sampler.generate(model, tokens, mask, num_samples=1, seed=seed,
-                               temperature=cfg.eval.temperature, max_new_tokens=max_new)
-        texts = [decode_response(tokenizer, out.tokens[i, :out.lengths[i]], stops) for i in range(len(chunk))]
-        correct += pool.score(texts, [e.ground_truth for e in chunk])
+                               prompt_ids=np.asarray(rows, np.int32),
+                               temperature=cfg.eval.temperature, max_new_tokens=max_new, mesh=mesh)
+        texts = [decode_response(tokenizer, out.tokens[i, :out.lengths[i]], stops) for i in range(len(rows))]
+        correct += pool.score(texts, [chunk[i].ground_truth for i in rows]) if rows else []
         lengths += [int(n) for n in out.lengths]
-    return {"eval/accuracy": float(np.mean(correct)) if correct else 0.0,
-            "eval/response_length": float(np.mean(lengths)) if lengths else 0.0,
+    n_correct, n_length, count = distributed.shard_sum([sum(correct), sum(lengths), len(correct)], mesh)
+    return {"eval/accuracy": float(n_correct / count) if count else 0.0,
+            "eval/response_length": float(n_length / count) if count else 0.0,
             "eval/num_examples": len(examples)}
 
 
@@ -214,8 +234,10 @@ def train(cfg: Config) -> TrainResult:
     mesh = mesh_lib.make_mesh(cfg.mesh)
     log.info("mesh: %s", mesh_lib.describe(mesh))
 
-    tokenizer = load_run_tokenizer(cfg, run_dir)
-    train_examples, heldout = load_examples(cfg, tokenizer, run_dir)
+    # Process 0 writes the run directory's shared files (tokenizer, synthetic data) before the
+    # others read them.
+    tokenizer = _main_first(lambda: load_run_tokenizer(cfg, run_dir), "tokenizer")
+    train_examples, heldout = _main_first(lambda: load_examples(cfg, tokenizer, run_dir), "data")
     prompt_buckets = tuple(cfg.data.prompt_buckets) or default_buckets(cfg.data.max_prompt_len)
     response_buckets = tuple(cfg.data.response_buckets) or default_buckets(cfg.data.max_response_len)
     model_cfg = model_config_for(cfg, len(tokenizer))
@@ -227,6 +249,7 @@ def train(cfg: Config) -> TrainResult:
         if not os.path.isdir(os.path.join(run_dir, "tokenizer")):
             tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
 
+    shard = distributed.data_shard(mesh)  # which prompts of each step this process takes
     with jax.set_mesh(mesh):
         model = init_model(cfg, model_cfg, mesh)
         graphdef, state = nnx.split(model)
@@ -275,23 +298,30 @@ def train(cfg: Config) -> TrainResult:
         with RewardPool(num_workers=tcfg.reward_workers, timeout=tcfg.reward_timeout) as pool:
             for step in range(start + 1, tcfg.steps + 1):
                 t0 = time.perf_counter()
-                prompts = iterator.next_batch()
+                step_prompts = iterator.next_batch()  # the global batch, the same on every process
+                # This process's share, update by update, and the prompts' places in the step.
+                prompt_index = local_prompt_indices(len(step_prompts), tcfg.updates_per_step, shard)
+                prompts = [step_prompts[i] for i in prompt_index]
+                per_update = len(prompts) // tcfg.updates_per_step
+                p_width = bucket_length(max(len(e.prompt_ids) for e in step_prompts), prompt_buckets)
                 metrics: dict[str, float] = {}
+                # Sums over this process's rows, summed over data shards below.
+                sums = dict.fromkeys(("reward", "length", "truncated", "rollouts", "demo_reward"), 0.0)
 
-                # 1. Rollouts from the current policy.
+                # 1. Rollouts from the current policy (one global sampler call per chunk).
                 rollout_ids: list[list[list[int]]] = [[] for _ in prompts]
                 rollout_rewards: list[list[float]] = [[] for _ in prompts]
                 if n_roll:
-                    width = bucket_length(max(len(e.prompt_ids) for e in prompts), prompt_buckets)
-                    chunk = tcfg.sample_chunk_prompts or len(prompts)
+                    chunk = -(-(tcfg.sample_chunk_prompts or len(step_prompts)) // shard.count)
                     outs = []
                     for c0 in range(0, len(prompts), chunk):
                         part = prompts[c0:c0 + chunk]
-                        p_tok, p_mask = left_pad([e.prompt_ids for e in part], width, pad_id)
+                        p_tok, p_mask = left_pad([e.prompt_ids for e in part], p_width, pad_id)
                         outs.append(sampler.generate(
                             model, p_tok, p_mask, num_samples=n_roll, seed=_step_seed(tcfg.seed, step),
-                            prompt_ids=np.arange(c0, c0 + len(part)),
-                            temperature=tcfg.rollout_temperature, max_new_tokens=cfg.data.max_response_len))
+                            prompt_ids=prompt_index[c0:c0 + len(part)],
+                            temperature=tcfg.rollout_temperature, max_new_tokens=cfg.data.max_response_len,
+                            mesh=mesh))
                     out_tokens = [o.tokens[r] for o in outs for r in range(o.tokens.shape[0])]
                     out_lengths = np.concatenate([o.lengths for o in outs])
                     out_stopped = np.concatenate([o.finished_by_stop for o in outs])
@@ -304,12 +334,9 @@ def train(cfg: Config) -> TrainResult:
                     scores = pool.score(texts, [e.ground_truth for e in prompts for _ in range(n_roll)])
                     for row, s in enumerate(scores):
                         rollout_rewards[row // n_roll].append(s)
-                    lengths = np.asarray(out_lengths)
-                    metrics["reward/rollout"] = float(np.mean(scores))
-                    metrics["rollout/length"] = float(lengths.mean())
-                    metrics["rollout/truncated"] = float(np.mean(~np.asarray(out_stopped)))
+                    sums.update(reward=sum(scores), length=float(np.sum(out_lengths)),
+                                truncated=float(np.sum(~np.asarray(out_stopped))), rollouts=len(scores))
                     metrics["time/sample_s"] = t_sample - t0
-                    metrics["throughput/sample_tokens_per_s"] = float(lengths.sum()) / max(t_sample - t0, 1e-9)
                 t_reward = time.perf_counter()
 
                 # 2. Demonstrations (scored once per example with the same reward).
@@ -320,28 +347,41 @@ def train(cfg: Config) -> TrainResult:
                         texts = [decode_response(tokenizer, e.demo_ids, stops) for e in todo]
                         for e, s in zip(todo, pool.score(texts, [e.ground_truth for e in todo])):
                             demo_reward_cache[e.id] = s
-                    metrics["reward/demo"] = float(np.mean([demo_reward_cache[e.id] for e in prompts]))
+                    sums["demo_reward"] = sum(demo_reward_cache[e.id] for e in prompts)
                 demo_rewards = [demo_reward_cache.get(e.id, 0.0) for e in prompts]
 
-                # 3. One mixed batch, split into equal mini-batches of whole groups.
+                # 3. One mixed batch, split into equal mini-batches of whole groups; this
+                # process builds its rows of each (the same row count on every process).
                 all_resp = [len(r) for rs in rollout_ids for r in rs] + [len(d or []) for d in demo_ids]
-                r_width = bucket_length(max(max(all_resp), 1), response_buckets)
-                p_width = bucket_length(max(len(e.prompt_ids) for e in prompts), prompt_buckets)
-                per_update = len(prompts) // tcfg.updates_per_step
+                r_width = bucket_length(max(distributed.process_max(max(all_resp)), 1), response_buckets)
                 group_rows = n_roll + (1 if use_demos else 0)
-                rows_per_update = per_update * group_rows
+                rows_per_update = len(step_prompts) // tcfg.updates_per_step * group_rows
                 mb = min(tcfg.micro_batch_size, rows_per_update)
-                rows_per_update = -(-rows_per_update // mb) * mb
-                minis = []
+                local_mb = shard.local_size(mb, "train.micro_batch_size (at most the rows of an update)")
+                local_rows = -(-(per_update * group_rows) // local_mb) * local_mb
+                rows_per_update = local_rows * shard.count
+                local_minis = []
                 for u in range(tcfg.updates_per_step):
                     sl = slice(u * per_update, (u + 1) * per_update)
                     batch = build_mixed_batch(
                         [e.prompt_ids for e in prompts[sl]], rollout_ids[sl], rollout_rewards[sl],
                         demo_ids[sl], demo_rewards[sl], prompt_width=p_width, response_width=r_width,
-                        pad_id=pad_id, loss_config=cfg.loss, rows_multiple=rows_per_update)
-                    minis.append(to_micro_batches(batch, mb))
+                        pad_id=pad_id, loss_config=cfg.loss, rows_multiple=local_rows)
+                    batch.group = distributed.offset_groups(batch.group, shard.index * per_update)
+                    local_minis.append(to_micro_batches(batch, local_mb))
+                sums["train_tokens"] = float(sum(np.sum(m.response_mask) for m in local_minis))
+                totals = dict(zip(sums, distributed.shard_sum(list(sums.values()), mesh)))
+                if n_roll:
+                    metrics["reward/rollout"] = float(totals["reward"] / totals["rollouts"])
+                    metrics["rollout/length"] = float(totals["length"] / totals["rollouts"])
+                    metrics["rollout/truncated"] = float(totals["truncated"] / totals["rollouts"])
+                    metrics["throughput/sample_tokens_per_s"] = float(totals["length"]) / max(
+                        metrics["time/sample_s"], 1e-9)
+                if use_demos:
+                    metrics["reward/demo"] = float(totals["demo_reward"] / len(step_prompts))
 
-                # 4. Updates.
+                # 4. Updates on the global batch.
+                minis = [distributed.to_global(m, mesh, axis=1, shard=shard) for m in local_minis]
                 key = (p_width, r_width, mb, rows_per_update)
                 if key not in jitted:
                     b_sh = batch_shardings(mesh, minis[0])
@@ -351,8 +391,7 @@ def train(cfg: Config) -> TrainResult:
                              "%d rows in micro-batches of %d", p_width, r_width, rows_per_update, mb)
                     metrics["compile/train_step"] = 1.0
                 train_fn, lp_fn, b_sh = jitted[key]
-                train_tokens = float(sum(np.sum(m.response_mask) for m in minis))  # host arrays
-                minis = [jax.device_put(m, b_sh) for m in minis]
+                train_tokens = float(totals["train_tokens"])
                 if tcfg.recompute_old_logprobs and n_roll:
                     minis = [dataclasses.replace(m, old_logprobs=lp_fn(params, m)) for m in minis]
                 t_update0 = time.perf_counter()
@@ -376,7 +415,8 @@ def train(cfg: Config) -> TrainResult:
                 if heldout and cfg.eval.every and (step % cfg.eval.every == 0 or step == tcfg.steps):
                     t_eval = time.perf_counter()
                     metrics.update(heldout_accuracy(model, sampler, heldout, tokenizer, pool, cfg,
-                                                    prompt_buckets, seed=_step_seed(tcfg.seed, step) + 1))
+                                                    prompt_buckets, seed=_step_seed(tcfg.seed, step) + 1,
+                                                    mesh=mesh))
                 if bench_items and cfg.eval.every and (step % cfg.eval.every == 0 or step == tcfg.steps):
                     from srft_jax.evaluation.policy import evaluate_during_training
 
@@ -414,6 +454,30 @@ def train(cfg: Config) -> TrainResult:
             plots = plot_runs([run_dir], os.path.join(run_dir, "plots"))
     final = start if not last_metrics else tcfg.steps
     return TrainResult(run_dir, final, last_metrics, export_dir, plots)
+
+
+def local_prompt_indices(num_prompts: int, updates: int, shard: distributed.DataShard) -> np.ndarray:
+    """Indices into a step's prompts of those this process trains on, update after update.
+
+    Update u trains on prompts [u * n, (u + 1) * n) of the step (n = num_prompts / updates);
+    data shard s takes every S-th of them from the s-th (`host_shard`), so the mini-batches
+    hold the same prompts whatever the process count. Returns int32[num_prompts / S].
+    """
+    n = num_prompts // updates
+    shard.local_size(n, "train.prompts_per_step / train.updates_per_step")
+    return np.asarray([i for u in range(updates)
+                       for i in distributed.host_shard(range(u * n, (u + 1) * n), shard.index, shard.count)],
+                      np.int32)
+
+
+def _main_first(fn, name: str):
+    """`fn()` on process 0, then (after a barrier) on the other processes."""
+    if not distributed.is_main():
+        distributed.barrier(f"srft_jax.train:{name}")
+    out = fn()
+    if distributed.is_main():
+        distributed.barrier(f"srft_jax.train:{name}")
+    return out
 
 
 def _step_seed(seed: int, step: int) -> int:

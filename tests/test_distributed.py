@@ -152,7 +152,7 @@ def worker(process_id: int, port: int, out_dir: str) -> None:
 
     from srft_jax import distributed
     from srft_jax.distributed import DataShard
-    from srft_jax.mesh import MeshConfig, make_mesh
+    from srft_jax.mesh import MeshConfig, make_mesh, replicated
 
     examples = make_examples(PROMPTS_PER_STEP * STEPS)
     result = {}
@@ -169,11 +169,22 @@ def worker(process_id: int, port: int, out_dir: str) -> None:
         # The rows this process fed come back unchanged.
         back = distributed.to_local(batches[0], axis=1)
         np.testing.assert_array_equal(back.response_tokens, local[0].response_tokens)
+        back = distributed.to_local(batches[0], axis=1, shard=shard)
+        np.testing.assert_array_equal(back.group, local[0].group)
+        # A replicated array gives this shard's block of rows too (the sampler's outputs may be).
+        with jax.set_mesh(mesh):
+            whole = jax.jit(lambda: jax.numpy.arange(8), out_shardings=replicated(mesh))()
+        np.testing.assert_array_equal(distributed.to_local(whole, shard=shard),
+                                      np.arange(4 * shard.index, 4 * shard.index + 4))
         run_dir = os.path.join(out_dir, "run")
         result.update(
             shard=np.asarray([shard.index, shard.count]),
             widest=distributed.process_max(10 + process_id),
             reward_mean=distributed.process_mean(float(process_id + 1), 1.0),
+            widths=np.asarray(distributed.process_max([process_id, 10 - process_id])),
+            sum64=distributed.process_sum([1 / 3 + process_id]),  # float64 travels exactly
+            shard_total=distributed.shard_sum([1.0, 2.0], mesh),
+            leader=distributed.is_shard_leader(mesh),
             prompts=np.asarray([e["id"] for e in distributed.host_shard(examples, shard.index, shard.count)]))
         name = f"process{process_id}"
     else:
@@ -253,6 +264,9 @@ def test_two_processes_match_one_process(tmp_path):
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(PROMPTS_PER_STEP * STEPS))
     assert all(int(r["widest"]) == 11 for r in results)
     assert all(float(r["reward_mean"]) == 1.5 for r in results)
+    assert all(tuple(r["widths"]) == (1, 10) for r in results)
+    assert all(float(r["sum64"][0]) == (1 / 3) + (1 / 3 + 1) for r in results)
+    assert all(tuple(r["shard_total"]) == (2.0, 4.0) and bool(r["leader"]) for r in results)
 
     names = [k for k in ref.files if k.startswith("param:")]
     assert len(names) > 10
@@ -352,6 +366,10 @@ def test_host_shard_is_disjoint_equal_and_covering():
         host_shard(items, 4, 4)
     with pytest.raises(ValueError, match="one item"):
         host_shard(items[:3], 0, 4)
+    # equal=False keeps every item: the first shards take one more, a shard may get none.
+    uneven = [host_shard(items, i, 4, equal=False) for i in range(4)]
+    assert [len(s) for s in uneven] == [6, 6, 6, 5] and sorted(sum(uneven, [])) == items
+    assert host_shard(items[:3], 3, 4, equal=False) == []
 
 
 def test_single_process_round_trip_and_errors():
@@ -368,7 +386,12 @@ def test_single_process_round_trip_and_errors():
     g = distributed.to_global({"x": x}, mesh, axis=1)["x"]
     assert g.shape == x.shape and g.sharding.spec[1] == ("data", "fsdp")
     np.testing.assert_array_equal(distributed.to_local(g, axis=1), x)
-    assert distributed.process_max(7) == 7
+    assert distributed.process_max(7) == 7 and distributed.process_max([3, 5]) == (3, 5)
+    np.testing.assert_array_equal(distributed.shard_sum([1.5, 2.0], mesh), [1.5, 2.0])
+    assert distributed.is_shard_leader(mesh)
+    np.testing.assert_array_equal(distributed.to_local(g, axis=1, shard=DataShard(0, 1)), x)
+    # Shard 1 of 2 of a (here fully addressable) array: its half of the rows.
+    np.testing.assert_array_equal(distributed.to_local(g, axis=1, shard=DataShard(1, 2)), x[:, 4:])
     assert distributed.process_mean(3.0, 2.0) == 1.5 and distributed.process_mean(0.0, 0.0) == 0.0
     assert distributed.is_main()
     # Two shards: 8 rows per shard would need 16 global rows; 3 rows do not divide 4 batch shards.

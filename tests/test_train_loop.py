@@ -105,3 +105,20 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert run_metrics == ref_metrics
     for a, b in zip(_params(run, steps), _params(ref, steps)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_local_prompt_indices_split_every_update_between_shards():
+    """Each data shard takes every S-th prompt of each update, so update u trains on the same
+    prompts [u * n, (u + 1) * n) whatever the number of processes."""
+    from srft_jax.distributed import DataShard
+    from srft_jax.train import local_prompt_indices
+
+    np.testing.assert_array_equal(local_prompt_indices(8, 2, DataShard(0, 1)), np.arange(8))
+    shards = [local_prompt_indices(12, 3, DataShard(s, 2)) for s in range(2)]
+    np.testing.assert_array_equal(shards[0], [0, 2, 4, 6, 8, 10])
+    np.testing.assert_array_equal(shards[1], [1, 3, 5, 7, 9, 11])
+    for u in range(3):  # update u: the u-th third of each shard's prompts
+        together = np.concatenate([s[2 * u:2 * u + 2] for s in shards])
+        assert sorted(together) == list(range(4 * u, 4 * u + 4))
+    with pytest.raises(ValueError, match="train.prompts_per_step / train.updates_per_step=3"):
+        local_prompt_indices(6, 2, DataShard(0, 2))
