@@ -311,6 +311,8 @@ def train(cfg: Config) -> TrainResult:
                 # 1. Rollouts from the current policy (one global sampler call per chunk).
                 rollout_ids: list[list[list[int]]] = [[] for _ in prompts]
                 rollout_rewards: list[list[float]] = [[] for _ in prompts]
+                # The sampler's temperature-1 log-probs: `old_logprobs` unless recomputed.
+                rollout_old: list[list[np.ndarray]] = [[] for _ in prompts]
                 if n_roll:
                     chunk = -(-(tcfg.sample_chunk_prompts or len(step_prompts)) // shard.count)
                     outs = []
@@ -323,12 +325,14 @@ def train(cfg: Config) -> TrainResult:
                             temperature=tcfg.rollout_temperature, max_new_tokens=cfg.data.max_response_len,
                             mesh=mesh))
                     out_tokens = [o.tokens[r] for o in outs for r in range(o.tokens.shape[0])]
+                    out_raw = [o.raw_logprobs[r] for o in outs for r in range(o.tokens.shape[0])]
                     out_lengths = np.concatenate([o.lengths for o in outs])
                     out_stopped = np.concatenate([o.finished_by_stop for o in outs])
                     texts = []
                     for row in range(len(prompts) * n_roll):
                         ids = out_tokens[row][:out_lengths[row]].tolist()
                         rollout_ids[row // n_roll].append(ids)
+                        rollout_old[row // n_roll].append(out_raw[row][:len(ids)])
                         texts.append(decode_response(tokenizer, ids, stops))
                     t_sample = time.perf_counter()
                     scores = pool.score(texts, [e.ground_truth for e in prompts for _ in range(n_roll)])
@@ -366,7 +370,8 @@ def train(cfg: Config) -> TrainResult:
                     batch = build_mixed_batch(
                         [e.prompt_ids for e in prompts[sl]], rollout_ids[sl], rollout_rewards[sl],
                         demo_ids[sl], demo_rewards[sl], prompt_width=p_width, response_width=r_width,
-                        pad_id=pad_id, loss_config=cfg.loss, rows_multiple=local_rows)
+                        pad_id=pad_id, loss_config=cfg.loss, rows_multiple=local_rows,
+                        rollout_old_logprobs=None if tcfg.recompute_old_logprobs else rollout_old[sl])
                     batch.group = distributed.offset_groups(batch.group, shard.index * per_update)
                     local_minis.append(to_micro_batches(batch, local_mb))
                 sums["train_tokens"] = float(sum(np.sum(m.response_mask) for m in local_minis))

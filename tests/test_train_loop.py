@@ -122,3 +122,23 @@ def test_local_prompt_indices_split_every_update_between_shards():
         assert sorted(together) == list(range(4 * u, 4 * u + 4))
     with pytest.raises(ValueError, match="train.prompts_per_step / train.updates_per_step=3"):
         local_prompt_indices(6, 2, DataShard(0, 2))
+
+
+def test_sampler_logprobs_serve_as_old_logprobs(tmp_path):
+    """With `train.recompute_old_logprobs=false` the ratio forms read the sampler's raw
+    log-probs: on the first update (same parameters that sampled) every ratio is 1 up to
+    float noise, so the loss equals the one with recomputed log-probs. LUFFY's unclipped
+    ratio term with the demonstration in each group gives the rollouts non-zero advantages."""
+    records = {}
+    for recompute in (True, False):
+        run_dir = tmp_path / f"recompute_{recompute}"
+        rc = cli_main(["--log-level", "WARNING", "train", "--config", "demo",
+                       f"train.run_dir={run_dir}", "train.steps=1", "eval.every=0",
+                       "train.export_hf=false", "train.tensorboard=false", "loss.preset=luffy",
+                       f"train.recompute_old_logprobs={str(recompute).lower()}", *SMALL,
+                       "train.updates_per_step=1", "train.micro_batch_size=16"])
+        assert rc == 0
+        records[recompute] = read_metrics(str(run_dir))[0]
+    fresh, reused = records[True], records[False]
+    assert fresh["reward/rollout"] == reused["reward/rollout"]  # the same rollouts
+    assert abs(reused["loss"] - fresh["loss"]) <= 1e-4 * max(1.0, abs(fresh["loss"]))
