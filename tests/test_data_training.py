@@ -88,6 +88,8 @@ def test_build_messages():
         {"role": "system", "content": LUFFY_SYSTEM_PROMPT},
         {"role": "user", "content": "This is the problem: Q?"},
     ]
+    # An empty system prompt means no system turn at all (not an empty one).
+    assert build_messages("Q?", system_prompt="") == [{"role": "user", "content": "This is the problem: Q?"}]
 
 
 def test_render_prompt_ids_is_the_chat_template_then_think(tokenizer):

@@ -42,7 +42,7 @@ class DataConfig:
       seed: seed of the epoch-wise shuffle of prompts.
       batch_size: prompts per step (paper: 128).
       shuffle: shuffle prompts each epoch.
-      system_prompt: system turn (paper: LUFFY's).
+      system_prompt: system turn (paper: LUFFY's); "" = no system turn.
       user_template: user turn with a "{question}" field (paper: "This is the problem: ...").
       think_prefix: text appended after the generation prompt (paper: "<think>\\n").
       end_token: token closing a demonstration; None = the tokenizer's eos token.

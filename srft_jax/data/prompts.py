@@ -48,11 +48,10 @@ def build_messages(
     system_prompt: str = LUFFY_SYSTEM_PROMPT,
     user_template: str = USER_TEMPLATE,
 ) -> list[dict[str, str]]:
-    """Chat messages (system + user) for one question."""
-    return [
-        {"role": "system", "content": system_prompt},
-        {"role": "user", "content": user_template.format(question=question)},
-    ]
+    """Chat messages (system + user) for one question; no system turn when `system_prompt`
+    is empty."""
+    user = {"role": "user", "content": user_template.format(question=question)}
+    return [{"role": "system", "content": system_prompt}, user] if system_prompt else [user]
 
 
 def render_prompt_text(
