@@ -14,6 +14,11 @@ prompts of 64 tokens, in one process:
 Each timed call includes the prompt prefill. Runs are interleaved and the best of --repeats
 is kept for each (the machine is shared; the best run is the least disturbed one).
 
+Also prints the memory-bandwidth ceiling of greedy decoding on this machine: every decode step
+must read all weights plus the KV cache; the rate at which NumPy's BLAS streams the model's
+own weight matrices through batch-8 matrix products (the fastest of the three libraries here)
+bounds the tokens/s of any implementation, and so the ratio to HF that is reachable at all.
+
 Prints tokens/s for both, then the two comparable numbers:
   ratio   = sampler tokens/s / HF tokens/s     (target >= 2)
   scaling = time(256 new) / time(128 new)       (target <= 2.2)
@@ -51,6 +56,21 @@ def time_hf(hf, tokens: np.ndarray, new: int) -> tuple[float, np.ndarray]:
         dt = time.perf_counter() - t
     assert out.shape[1] == tokens.shape[1] + new, out.shape
     return dt, out[:, tokens.shape[1]:].numpy()
+
+
+def stream_rate(hf, batch: int, repeats: int = 5) -> tuple[float, int]:
+    """(bytes/s, weight bytes): best rate of x[batch, in] @ W.T over every 2-D weight of the
+    model, in decode order, with NumPy's BLAS (a lower bound on the time of a decode step)."""
+    weights = [w.detach().numpy() for name, w in hf.named_parameters() if w.ndim == 2]
+    nbytes = sum(w.nbytes for w in weights)
+    x = {w.shape[1]: np.ones((batch, w.shape[1]), np.float32) for w in weights}
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for w in weights:
+            x[w.shape[1]] @ w.T
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best, nbytes
 
 
 def time_ours(sampler, model, tokens: np.ndarray, new: int) -> tuple[float, np.ndarray]:
@@ -118,6 +138,17 @@ def main() -> None:
     print(f"ratio sampler/HF tokens/s = {our_tps / hf_tps:.2f}  (target >= 2)")
     print(f"scaling time({2 * new})/time({new}) = {min(ours2_times) / min(ours_times):.2f}  "
           f"(target <= 2.2)")
+    rate, weight_bytes = stream_rate(hf, b)
+    cfg = hf.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    # the cache holds p + t entries at step t: p + new/2 on average (the least any method reads)
+    kv_bytes = 2 * cfg.num_hidden_layers * b * cfg.num_key_value_heads * (p + new // 2) * head_dim * 4
+    step = (weight_bytes + kv_bytes) / rate
+    ceiling = b / step
+    print(f"bandwidth ceiling: a decode step reads {weight_bytes / 1e6:.0f} MB of weights + "
+          f"{kv_bytes / 1e6:.0f} MB of KV cache (mean); NumPy streams the weights at {rate / 1e9:.1f} GB/s "
+          f"-> >= {step * 1e3:.1f} ms/step, <= {ceiling:.0f} tokens/s (prefill excluded) = "
+          f"{ceiling / hf_tps:.2f}x HF; the sampler reaches {our_tps / ceiling:.0%} of it")
 
 
 if __name__ == "__main__":

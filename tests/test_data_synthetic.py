@@ -82,9 +82,28 @@ def test_generation_is_deterministic_and_splits_are_disjoint():
     assert generate_problems(50, seed=1) == generate_problems(50, seed=1)
     assert generate_problems(50, seed=1) != generate_problems(50, seed=2)
     train = {r["prompt"][1]["content"] for r in generate_problems(3000, seed=0)}
-    test = {r["prompt"][1]["content"] for r in generate_problems(200, seed=0, split="test")}
-    assert train.isdisjoint(test) and len(test) == 200
+    test = {r["prompt"][1]["content"] for r in generate_problems(200, seed=0, split="test",
+                                                                  balance_operands=False)}
+    assert train.isdisjoint(test) and len(test) == 200  # without replacement while possible
     assert all(problem_split(q.removeprefix("This is the problem: ")) == "test" for q in test)
+
+
+def _operand_count(row):
+    return len(evaluate_question(row["prompt"][1]["content"].removeprefix("This is the problem: "))[2])
+
+
+def test_operand_counts_are_balanced_and_distinct_sets_do_not_repeat():
+    rows = generate_problems(4000, seed=0, max_value=9)
+    share = sum(_operand_count(r) == 2 for r in rows) / len(rows)
+    assert 0.45 < share < 0.55  # vs ~9% of the problems having 2 operands
+    uniform = generate_problems(4000, seed=0, max_value=9, balance_operands=False)
+    assert sum(_operand_count(r) == 2 for r in uniform) / len(uniform) < 0.15
+    held_out = generate_problems(500, seed=0, split="test", max_value=9, distinct=True)
+    questions = [r["prompt"][1]["content"] for r in held_out]
+    assert len(questions) == len(set(questions)) < 500  # the whole split, once each
+    everything = generate_problems(5000, seed=3, split="test", max_value=9)
+    assert set(questions) == {r["prompt"][1]["content"] for r in everything}
+    assert {_operand_count(r) for r in held_out} == {2, 3}
 
 
 def test_tokenizer_is_small_and_reloads(tokenizer, tmp_path):

@@ -8,7 +8,9 @@ paper's format, continuing the prompt's ``<think>``::
 
 Rows are written in the OpenR1-Math-46k-8192 layout, so the real-data loader reads them.
 The held-out split is disjoint from the training split by construction: every problem is
-assigned to "train" or "test" by a hash of its text.
+assigned to "train" or "test" by a hash of its text. ``max_value`` bounds every running
+value (9: each number is one token, the demo's task); training rows draw 2 and 3 operands
+equally often; the written held-out file lists each held-out problem once.
 
 The tokenizer is a WordPiece model over a ~60-token vocabulary: words, operators, digits
 ("14" = ``1 ##4``), ``\\boxed{``, ``}``, and the special tokens ``<|endoftext|>`` (pad),
@@ -155,11 +157,18 @@ def generate_problems(
     max_value: Optional[int] = None,
     test_percent: int = 10,
     system_prompt: str = SYNTHETIC_SYSTEM_PROMPT,
+    balance_operands: bool = True,
+    distinct: bool = False,
 ) -> list[dict]:
     """``n`` rows of ``split`` in the OpenR1 layout, drawn reproducibly from ``seed``.
 
-    Draws without replacement while the split has enough distinct problems, then cycles
-    through fresh shuffles of it.
+    With ``balance_operands`` every operand count in min..max is drawn equally often (there
+    are ~10x more 3-operand than 2-operand problems, so uniform draws over problems would
+    leave a model few 2-operand examples to learn their layout from); otherwise problems are
+    drawn uniformly. Within a count (or the whole split) draws are without replacement while
+    distinct problems remain, then cycle through fresh shuffles. ``distinct`` returns each
+    problem at most once (at most the split's size, fewer than ``n`` if it is smaller):
+    a held-out set without repeats.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -169,20 +178,35 @@ def generate_problems(
         raise ValueError(f"need 1 <= min_operands <= max_operands, got {min_operands}, {max_operands}")
     if not 0 <= test_percent <= 100:
         raise ValueError(f"test_percent must be in [0, 100], got {test_percent}")
-    pool = []
+    pools: dict[int, list[tuple[str, str, int]]] = {}
     for operands, ops in _all_problems(min_operands, max_operands, max_operand, max_value):
         question, demo, answer = _render(operands, ops)
         if problem_split(question, test_percent) == split:
-            pool.append((question, demo, answer))
-    if n and not pool:
+            pools.setdefault(len(operands) if balance_operands else 0, []).append((question, demo, answer))
+    if n and not pools:
         raise ValueError(f"the {split!r} split is empty for these settings")
     rng = random.Random(f"{seed}:{split}")
-    chosen: list[tuple[str, str, int]] = []
-    while len(chosen) < n:
+    if distinct:
+        lanes = []
+        for _, pool in sorted(pools.items()):
+            lane = list(pool)
+            rng.shuffle(lane)
+            lanes.append(lane)
+        # One count after the other while each lasts (a single lane without balancing).
+        chosen = [p for group in itertools.zip_longest(*lanes) for p in group if p is not None][:n]
+    else:
+        streams = {count: _cycle_shuffled(pool, rng) for count, pool in sorted(pools.items())}
+        counts = sorted(streams)
+        chosen = [next(streams[rng.choice(counts)]) for _ in range(n)]
+    return [_row(q, d, a, split, i, system_prompt) for i, (q, d, a) in enumerate(chosen)]
+
+
+def _cycle_shuffled(pool: list, rng: random.Random):
+    """Endless draws from ``pool``: a fresh shuffle each pass."""
+    while True:
         order = list(pool)
         rng.shuffle(order)
-        chosen.extend(order[: n - len(chosen)])
-    return [_row(q, d, a, split, i, system_prompt) for i, (q, d, a) in enumerate(chosen)]
+        yield from order
 
 
 def write_synthetic_dataset(directory: str, n_train: int, n_test: int, seed: int,
@@ -192,7 +216,8 @@ def write_synthetic_dataset(directory: str, n_train: int, n_test: int, seed: int
     paths = {}
     for split, n in (("train", n_train), ("test", n_test)):
         path = Path(directory) / f"{split}.jsonl"
-        rows = generate_problems(n, seed, split=split, **problem_kwargs)
+        # The held-out split lists distinct problems (no repeats inflating or deflating accuracy).
+        rows = generate_problems(n, seed, split=split, distinct=split == "test", **problem_kwargs)
         with open(path, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
