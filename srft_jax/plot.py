@@ -34,17 +34,7 @@ def plot_runs(run_dirs: Sequence[str], out_dir: str) -> list[str]:
     runs = {os.path.basename(os.path.normpath(d)) or d: read_metrics(d) for d in run_dirs}
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    panels = []
-    for stem, title, keys in FIGURES:
-        series = []
-        for run, records in runs.items():
-            for key in keys:
-                pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-                if pts:
-                    label = run if len(keys) == 1 else f"{run}: {key}"
-                    series.append((label, pts))
-        if series:
-            panels.append((stem, title, series))
+    panels = figure_series(runs)
     for stem, title, series in panels:
         fig, ax = plt.subplots(figsize=(6, 4))
         _draw(ax, title, series)
@@ -67,6 +57,33 @@ def plot_runs(run_dirs: Sequence[str], out_dir: str) -> list[str]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def figure_series(runs: dict) -> list[tuple[str, str, list]]:
+    """[(file stem, title, [(label, [(step, value), ...]), ...])] for the figures with data;
+    `runs` maps a run's label to its metrics records."""
+    panels = []
+    for stem, title, keys in FIGURES:
+        series = []
+        for run, records in runs.items():
+            for key in keys:
+                pts = [(r["step"], r[key]) for r in records
+                       if isinstance(r.get(key), (int, float)) and _has_source(r, key)]
+                if pts:
+                    label = run if len(keys) == 1 else f"{run}: {key}"
+                    series.append((label, pts))
+        if series:
+            panels.append((stem, title, series))
+    return panels
+
+
+def _has_source(record: dict, key: str) -> bool:
+    """False for a per-source figure (`demo/...`, `rollout/...`) of a step whose batch had no
+    tokens of that source (e.g. `demo/entropy` of a GRPO run), which the loss reports as 0."""
+    source = key.split("/", 1)[0]
+    if source not in ("demo", "rollout"):
+        return True
+    return record.get(f"{source}/tokens", 1) > 0
 
 
 def _draw(ax, title, series):
