@@ -324,6 +324,12 @@ def _gathered(value) -> np.ndarray:
     return np.ascontiguousarray(stacked).view(value.dtype).reshape((-1,) + value.shape)
 
 
+def all_gather(value) -> np.ndarray:
+    """[process_count, ...] stack of every process's `value` (same shape and dtype everywhere),
+    exact for every dtype."""
+    return _gathered(value)
+
+
 def process_max(value):
     """The largest `value` over processes: agree on shapes (bucket widths) before a step, since
     every process must compile and run the same program. An int gives an int; a sequence of

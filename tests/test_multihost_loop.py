@@ -65,7 +65,9 @@ def run_process(process_id: int, port: int, run_dir: str, steps: int) -> None:
     from srft_jax.train import train
 
     overrides = OVERRIDES + [f"train.run_dir={run_dir}", f"train.steps={steps}",
-                             f"train.export_hf={'true' if port else 'false'}"]
+                             f"train.export_hf={'true' if port else 'false'}",
+                             "eval.benchmarks=[math500]",
+                             f"eval.benchmark_dir={os.path.join(os.path.dirname(run_dir), 'bench')}"]
     if port:
         overrides += [f"mesh.coordinator_address=127.0.0.1:{port}", f"mesh.num_processes={NUM_PROCESSES}",
                       f"mesh.process_id={process_id}"]
@@ -148,6 +150,10 @@ def runs(tmp_path_factory):
     runs steps 1-3 straight. Returns (directory, distributed run dir, reference run dir)."""
     root = tmp_path_factory.mktemp("multihost")
     multi, ref = root / "multi", root / "ref"
+    (root / "bench").mkdir()
+    with open(root / "bench" / "math500.jsonl", "w") as f:  # in-training benchmark eval, 5 items
+        for i, (a, b) in enumerate([(2, 3), (7, 1), (4, 4), (9, 0), (1, 6)]):
+            f.write(json.dumps({"id": f"m{i}", "question": f"What is {a} + {b} ?", "answer": str(a + b)}) + "\n")
     deadline = time.monotonic() + TIMEOUT_S
     reference = {str(root / "reference.log"): _start(0, 0, 8, ref, STEPS, root / "reference.log")}
     distributed = {}
@@ -188,6 +194,8 @@ def test_two_process_loop_matches_one_process(runs):
     assert [r["step"] for r in got] == [1, 2]
     _compare_metrics(got, want[:2])
     assert "eval/accuracy" in got[1] and got[1]["eval/num_examples"] == 13
+    # The benchmark's prompts are split between the processes and their samples gathered back.
+    assert "eval/math500/accuracy" in got[1] and "eval/math500/response_length" in got[1]
     assert "eval/accuracy" not in got[0] and "reward/rollout" in got[0]
     # The checkpoint that both processes wrote, and process 0's export and plots.
     _compare_params(multi, ref, 2)

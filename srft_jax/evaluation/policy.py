@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from srft_jax import mesh as mesh_lib
+from srft_jax import distributed, mesh as mesh_lib
 from srft_jax.batch import left_pad
 from srft_jax.data.eval_sets import EvalItem
 from srft_jax.data.tokenizer import decode_response, load_tokenizer, stop_token_ids
@@ -73,23 +73,57 @@ class ModelPolicy:
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         b = padded_prompt_count(len(prompts), num_samples, batch_shards(self.mesh))
         pad = b - len(prompts)
-        tokens, mask = left_pad(list(prompts) + [prompts[0]] * pad,
-                                max(len(p) for p in prompts), self.pad_id)  # [B, P]
+        padded = list(prompts) + [prompts[0]] * pad
         ids = np.asarray(list(seeds) + [0] * pad, np.int64).astype(np.int32)  # [B]
+        # Several processes: each samples its share of the prompts in one global sampler call,
+        # then every process receives all rows (the harness scores and reports on each).
+        shard = self._shard()
+        mine = distributed.host_shard(range(b), shard.index, shard.count, equal=False)
+        tokens, mask = left_pad([padded[i] for i in mine], max(len(p) for p in prompts), self.pad_id)
         out = self.sampler.generate(
-            self.model, tokens, mask, num_samples=num_samples, rng=0, prompt_ids=ids,
+            self.model, tokens, mask, num_samples=num_samples, rng=0, prompt_ids=ids[mine],
             temperature=sampling.temperature, top_p=sampling.top_p,
             max_new_tokens=sampling.max_new_tokens, mesh=self.mesh)
+        out_tokens, out_lengths, out_stopped = self._all_rows(out, b, num_samples, shard)
         results = []
         for i in range(len(prompts)):
             samples = []
             for g in range(num_samples):
                 row = i * num_samples + g
-                n = int(out.lengths[row])
-                text = decode_response(self.tokenizer, out.tokens[row, :n], self.stop_ids)
-                samples.append(Completion(text, n, truncated=not bool(out.finished_by_stop[row])))
+                n = int(out_lengths[row])
+                text = decode_response(self.tokenizer, out_tokens[row, :n], self.stop_ids)
+                samples.append(Completion(text, n, truncated=not bool(out_stopped[row])))
             results.append(samples)
         return results
+
+    def _shard(self) -> distributed.DataShard:
+        if jax.process_count() == 1:
+            return distributed.DataShard(0, 1)
+        return distributed.data_shard(self.mesh)
+
+    def _all_rows(self, out, b: int, g: int, shard: distributed.DataShard):
+        """(tokens [B*G,R], lengths [B*G], finished_by_stop [B*G]) of every prompt, from this
+        process's rows of `out` and (several processes) the other processes' rows."""
+        if jax.process_count() == 1:
+            return out.tokens, out.lengths, out.finished_by_stop
+        per = -(-b // shard.count) * g  # rows of the largest share
+        r = out.tokens.shape[1]
+
+        def padded(x, fill):
+            extra = per - x.shape[0]
+            return np.concatenate([x, np.full((extra,) + x.shape[1:], fill, x.dtype)]) if extra else x
+
+        local = np.concatenate([padded(out.tokens.astype(np.int32), self.pad_id),
+                                padded(out.lengths.astype(np.int32)[:, None], 0),
+                                padded(out.finished_by_stop.astype(np.int32)[:, None], 0)], axis=1)
+        gathered = distributed.all_gather(local)  # [processes, per, R + 2]
+        full = np.zeros((b * g, r + 2), np.int32)
+        for process in range(jax.process_count()):
+            theirs = distributed.data_shard(self.mesh, process).index
+            prompts = distributed.host_shard(range(b), theirs, shard.count, equal=False)
+            rows = [i * g + k for i in prompts for k in range(g)]
+            full[rows] = gathered[process, :len(rows)]
+        return full[:, :r], full[:, r], full[:, r + 1].astype(bool)
 
 
 # Tokenizers saved from a plain `tokenizers` object (the synthetic task's, test doubles).
