@@ -202,6 +202,11 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+            empty = [o for o in overrides if not o.split("=", 1)[1].strip()]
+            if empty:  # OmegaConf reads `key=` as null, which would silently mean "the default"
+                key = empty[0].split("=", 1)[0]
+                raise ConfigError(f"override {empty[0]!r} has no value: write {key}=\'\' (with the quotes "
+                                  f"reaching the program) for an empty string, or {key}=null for the default")
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
         return _build(OmegaConf.to_container(merged, resolve=True))

@@ -67,6 +67,10 @@ def test_bad_file_and_bad_override_syntax(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["train.lr"])
+    # `key=` would be read as null (= the default): refused, naming the key and both spellings.
+    with pytest.raises(ConfigError, match=r"data.system_prompt=.*has no value.*data.system_prompt=null"):
+        load_config(None, ["data.system_prompt="])
+    assert load_config(None, ["data.system_prompt=''"]).data.system_prompt == ""
     f = tmp_path / "bad.yaml"
     f.write_text("train:\n  lr: [1, 2]\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
