@@ -163,7 +163,7 @@ def train_report(mesh, micro_batch: int, remat: str, chunk_size: int, model: str
 
 
 # ---- sampler -----------------------------------------------------------------------------------
-def decode_reports(mesh, prompts: int, remat: str, model: str = "7b") -> list[Report]:
+def decode_reports(mesh, prompts: int, remat: str, model: str = "7b", phase_mode: str = "single") -> list[Report]:
     from srft_jax import sampler as sampler_lib
     from srft_jax.models.decoder import KVCache
 
@@ -187,7 +187,10 @@ def decode_reports(mesh, prompts: int, remat: str, model: str = "7b") -> list[Re
     key = jax.eval_shape(lambda: jax.random.key(0))
     out = []
     with jax.set_mesh(mesh):
-        phases = tuple(b for b in sampler_lib.SamplerConfig().response_buckets if b < RESPONSE) + (RESPONSE,)
+        # The paper configs set data.response_buckets: [8192], so the sampler decodes in one
+        # phase; "buckets" measures the sampler's default phases (one while loop per bucket).
+        phases = ((RESPONSE,) if phase_mode == "single" else
+                  tuple(b for b in sampler_lib.SamplerConfig().response_buckets if b < RESPONSE) + (RESPONSE,))
         shape = sampler_lib._DecodeShape(batch=prompts, prompt_len=PROMPT, num_samples=g,
                                          strategy=sampler_lib.Temperature(1.0), kv_cache_dtype="bfloat16",
                                          phases=phases)
@@ -279,6 +282,9 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-prompts", type=int, default=PAPER["prompts"],
                         help="prompts per sampler call (x 7 rollouts rows)")
     parser.add_argument("--model", choices=sorted(MODELS), default="7b")
+    parser.add_argument("--decode-phases", choices=("single", "buckets"), default="single",
+                        help="single: one decode loop over 8192 slots (the paper configs); buckets: "
+                             "the sampler's default response buckets as phases (one loop each)")
     parser.add_argument("--devices", type=int, default=8, help="forced CPU devices (the mesh size)")
     parser.add_argument("--fsdp", type=int, default=-1, help="fsdp axis size (-1: devices / tensor)")
     parser.add_argument("--tensor", type=int, default=1)
@@ -297,7 +303,7 @@ def main(argv=None) -> int:
     mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, fsdp=args.fsdp, tensor=args.tensor))
     reports = []
     if args.what in ("all", "decode"):
-        for rep in decode_reports(mesh, args.decode_prompts, args.remat, args.model):
+        for rep in decode_reports(mesh, args.decode_prompts, args.remat, args.model, args.decode_phases):
             print(rep.line(), flush=True)
     if args.what in ("all", "train"):
         rep = train_report(mesh, args.micro_batch, args.remat, args.chunk_size, args.model)

@@ -93,6 +93,9 @@ class SamplerConfig:
       next bucket (P + R at most), so attention reads about as many slots as there are tokens.
       Each phase is one more loop body in the compiled program, and growing the cache briefly
       holds the old and the new cache (1.5x at the last phase boundary with doubling buckets).
+      For long responses on accelerators use one bucket: XLA's memory analysis of the 7B decode
+      (16 prompts x 7, 8192 new tokens, 8 devices) gives 147 GB per device with the five default
+      buckets as phases and 41 GB with one (`benchmarks/memory_7b.py --decode-phases`).
     kv_cache_dtype: dtype of the KV cache ('float32', 'bfloat16', 'float16'); None = the
       model's compute dtype. 'bfloat16' halves cache memory for a float32 model.
     """
