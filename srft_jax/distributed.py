@@ -308,8 +308,9 @@ def offset_groups(group: np.ndarray, offset: int) -> np.ndarray:
 
 
 # ---- small reductions over processes (host values: metrics, widths) ---------------------------
-def _gathered(value) -> np.ndarray:
-    """[process_count, ...] stack of every process's `value` (the value alone on one process).
+def all_gather(value) -> np.ndarray:
+    """[process_count, ...] stack of every process's `value` (same shape and dtype on every
+    process; the value alone on one process).
 
     The bytes travel as uint8, so 64-bit values arrive exactly (JAX would cast them to 32
     bits unless jax_enable_x64 is on).
@@ -324,24 +325,18 @@ def _gathered(value) -> np.ndarray:
     return np.ascontiguousarray(stacked).view(value.dtype).reshape((-1,) + value.shape)
 
 
-def all_gather(value) -> np.ndarray:
-    """[process_count, ...] stack of every process's `value` (same shape and dtype everywhere),
-    exact for every dtype."""
-    return _gathered(value)
-
-
 def process_max(value):
     """The largest `value` over processes: agree on shapes (bucket widths) before a step, since
     every process must compile and run the same program. An int gives an int; a sequence of
     ints gives a tuple of element-wise maxima (one collective for several widths)."""
     if np.ndim(value) == 0:
-        return int(_gathered(np.int64(value)).max())
-    return tuple(int(v) for v in _gathered(np.asarray(value, np.int64)).max(axis=0))
+        return int(all_gather(np.int64(value)).max())
+    return tuple(int(v) for v in all_gather(np.asarray(value, np.int64)).max(axis=0))
 
 
 def process_sum(values) -> np.ndarray:
     """Element-wise sum over processes of a float vector (e.g. [reward sum, count, tokens])."""
-    return _gathered(np.asarray(values, np.float64)).sum(axis=0)
+    return all_gather(np.asarray(values, np.float64)).sum(axis=0)
 
 
 def process_mean(total: float, count: float) -> float:

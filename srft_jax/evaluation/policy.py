@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from srft_jax import distributed, mesh as mesh_lib
+from srft_jax import distributed
 from srft_jax.batch import left_pad
 from srft_jax.data.eval_sets import EvalItem
 from srft_jax.data.tokenizer import decode_response, load_tokenizer, stop_token_ids
@@ -29,11 +29,6 @@ log = logging.getLogger(__name__)
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
-
-
-def batch_shards(mesh) -> int:
-    """How many ways the mesh splits a batch (the 'batch' logical axis)."""
-    return math.prod(mesh.shape[a] for a in mesh_lib.RULES["batch"])
 
 
 def padded_prompt_count(num_prompts: int, num_samples: int, shards: int) -> int:
@@ -71,7 +66,7 @@ class ModelPolicy:
             return []
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        b = padded_prompt_count(len(prompts), num_samples, batch_shards(self.mesh))
+        b = padded_prompt_count(len(prompts), num_samples, distributed.batch_shards(self.mesh))
         pad = b - len(prompts)
         padded = list(prompts) + [prompts[0]] * pad
         ids = np.asarray(list(seeds) + [0] * pad, np.int64).astype(np.int32)  # [B]
@@ -108,14 +103,10 @@ class ModelPolicy:
             return out.tokens, out.lengths, out.finished_by_stop
         per = -(-b // shard.count) * g  # rows of the largest share
         r = out.tokens.shape[1]
-
-        def padded(x, fill):
-            extra = per - x.shape[0]
-            return np.concatenate([x, np.full((extra,) + x.shape[1:], fill, x.dtype)]) if extra else x
-
-        local = np.concatenate([padded(out.tokens.astype(np.int32), self.pad_id),
-                                padded(out.lengths.astype(np.int32)[:, None], 0),
-                                padded(out.finished_by_stop.astype(np.int32)[:, None], 0)], axis=1)
+        local = np.zeros((per, r + 2), np.int32)  # rows past this process's share stay unused
+        n = out.tokens.shape[0]
+        local[:n] = np.concatenate([out.tokens, out.lengths[:, None], out.finished_by_stop[:, None]],
+                                   axis=1)
         gathered = distributed.all_gather(local)  # [processes, per, R + 2]
         full = np.zeros((b * g, r + 2), np.int32)
         for process in range(jax.process_count()):
