@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from srft_jax.losses import SRFTLossConfig, compute_advantages
+from srft_jax.shapes import left_pad, right_pad
 
 
 @jax.tree_util.register_dataclass
@@ -40,29 +41,6 @@ class MixedBatch:
 
     def map(self, fn) -> "MixedBatch":
         return jax.tree.map(fn, self)
-
-
-def left_pad(seqs: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.full((len(seqs), width), pad_id, np.int32)
-    mask = np.zeros((len(seqs), width), np.float32)
-    for i, s in enumerate(seqs):
-        if len(s) > width:
-            raise ValueError(f"sequence of length {len(s)} does not fit width {width}")
-        if len(s):
-            tokens[i, width - len(s):] = s
-            mask[i, width - len(s):] = 1
-    return tokens, mask
-
-
-def right_pad(seqs: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.full((len(seqs), width), pad_id, np.int32)
-    mask = np.zeros((len(seqs), width), np.float32)
-    for i, s in enumerate(seqs):
-        if len(s) > width:
-            raise ValueError(f"sequence of length {len(s)} does not fit width {width}")
-        tokens[i, :len(s)] = s
-        mask[i, :len(s)] = 1
-    return tokens, mask
 
 
 def build_mixed_batch(

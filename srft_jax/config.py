@@ -9,6 +9,7 @@ values in `__post_init__`. Errors name the key (`train.lrr`) and the file they c
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +22,11 @@ from srft_jax.data.config import DataConfig
 from srft_jax.losses import SRFTLossConfig
 from srft_jax.mesh import MeshConfig
 from srft_jax.models.config import DTYPES, PRESETS, REMAT
+from srft_jax.rewards import DEFAULT_REWARD_TIMEOUT
 from srft_jax.sampler import SamplerConfig
+from srft_jax.train_step import OptimizerConfig
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -78,12 +83,19 @@ class TrainConfig:
       (paper: 2 updates of 64 prompts).
     micro_batch_size: sequences per forward/backward; gradients accumulate over micro-batches.
     sample_chunk_prompts: prompts sampled in one sampler call (0 = all); bounds KV-cache memory.
-    rollout_temperature: sampling temperature of the rollouts (paper: 1.0).
     loss_chunk_size: sequence chunk of the memory-bounded log-prob/entropy computation.
     recompute_old_logprobs: recompute `old_logprobs` with a forward pass of the training model
       (as verl does) instead of taking the sampler's; exact ratio 1 on the first update.
-    lr, b1, b2, weight_decay, grad_clip: AdamW (paper: 1e-6, 0.9, 0.999, 0.01, 1.0).
-    schedule: 'constant' (paper) or 'cosine' (to 0 at `steps`), after `warmup_steps` of linear warmup.
+    optim: AdamW, clipping and the learning-rate schedule (`OptimizerConfig`; paper: constant
+      1e-6, betas 0.9/0.999, weight decay 0.01, grad-norm clip 1.0); the schedule's length is
+      `steps * updates_per_step` updates.
+    checkpoint_every / keep_checkpoints: save every N steps (and at the last), keep the newest K.
+    log_every: write metrics every N steps (and at the last, and at every evaluation).
+    export_hf: write an HF model directory to RUN_DIR/hf at the end.
+    tensorboard / wandb_project: extra metric sinks (metrics.jsonl is always written).
+    progress_bar: show a tqdm bar on process 0.
+    reward_workers / reward_timeout: reward worker processes and seconds per response.
+    The rollouts' sampling settings (temperature, top-p, top-k) are the `sampler` section's.
     """
 
     run_dir: str = "runs/srft"
@@ -94,16 +106,9 @@ class TrainConfig:
     updates_per_step: int = 2
     micro_batch_size: int = 8
     sample_chunk_prompts: int = 0
-    rollout_temperature: float = 1.0
     recompute_old_logprobs: bool = True
     loss_chunk_size: int = 1024
-    lr: float = 1e-6
-    b1: float = 0.9
-    b2: float = 0.999
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    schedule: str = "constant"
-    warmup_steps: int = 0
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -112,7 +117,7 @@ class TrainConfig:
     wandb_project: Optional[str] = None
     progress_bar: bool = True
     reward_workers: int = 2
-    reward_timeout: float = 5.0
+    reward_timeout: float = DEFAULT_REWARD_TIMEOUT
 
     def __post_init__(self):
         positive = ("steps", "prompts_per_step", "updates_per_step", "micro_batch_size",
@@ -128,30 +133,25 @@ class TrainConfig:
         if self.prompts_per_step % self.updates_per_step:
             raise ValueError(f"train.prompts_per_step={self.prompts_per_step} must be divisible by "
                              f"train.updates_per_step={self.updates_per_step}")
-        if self.lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("train.lr, train.weight_decay and train.grad_clip must be >= 0")
-        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
-            raise ValueError(f"train.b1/b2 must be in [0, 1), got {self.b1}, {self.b2}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"train.schedule={self.schedule!r}; choose 'constant' or 'cosine'")
-        if self.warmup_steps < 0:
-            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.rollout_temperature <= 0:
-            raise ValueError(f"train.rollout_temperature must be > 0, got {self.rollout_temperature}")
         if self.reward_timeout <= 0:
             raise ValueError(f"train.reward_timeout must be > 0, got {self.reward_timeout}")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation during training (greedy by default, verified by the training reward).
+    """Evaluation during training: the held-out split and, optionally, paper benchmarks.
 
     every: evaluate every N steps (0 = never; the final step is always evaluated when > 0).
-    split: the held-out split of the training data source.
+    split: the held-out split of the training data source (logged as `eval/accuracy`).
     num_examples: held-out prompts used (0 = all).
-    benchmarks: paper benchmarks also evaluated every `every` steps (e.g. [math500, aime24]),
-      from `benchmark_dir` (local files) or the hub, first `benchmark_limit` items each,
-      `benchmark_samples` samples per item; logged as `eval/<benchmark>/accuracy`.
+    temperature: sampling temperature (0 = greedy).
+    max_new_tokens: response cap; None = `data.max_response_len`.
+    samples: samples per item (accuracy is avg@samples).
+    batch_size: sequences per sampler call.
+    benchmarks: paper benchmarks also evaluated (e.g. [math500, aime24]), read from
+      `benchmark_dir` (local files) or the hub, first `benchmark_limit` items (0 = all) each;
+      logged as `eval/<benchmark>/accuracy`.
+    Everything is scored by the training reward pool, with the training prompt template.
     """
 
     every: int = 0
@@ -159,23 +159,41 @@ class EvalConfig:
     num_examples: int = 0
     temperature: float = 0.0
     max_new_tokens: Optional[int] = None
+    samples: int = 1
     batch_size: int = 64
     benchmarks: tuple[str, ...] = ()
     benchmark_dir: Optional[str] = None
     benchmark_limit: int = 50
-    benchmark_samples: int = 1
 
     def __post_init__(self):
         if self.every < 0 or self.num_examples < 0 or self.batch_size <= 0:
             raise ValueError("eval.every and eval.num_examples must be >= 0, eval.batch_size > 0")
         if self.temperature < 0:
             raise ValueError(f"eval.temperature must be >= 0, got {self.temperature}")
-        if self.benchmark_limit < 0 or self.benchmark_samples < 1:
-            raise ValueError("eval.benchmark_limit must be >= 0 and eval.benchmark_samples >= 1")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"eval.max_new_tokens must be >= 1 or null, got {self.max_new_tokens}")
+        if self.benchmark_limit < 0 or self.samples < 1:
+            raise ValueError("eval.benchmark_limit must be >= 0 and eval.samples >= 1")
+
+
+# Fields of the sampler section that a training config takes from the data section: rollouts
+# are padded like demonstrations, so both share the prompt/response widths.
+DERIVED_SAMPLER_FIELDS = {
+    "max_new_tokens": ("data.max_response_len", lambda data: data.max_response_len),
+    "prompt_buckets": ("data.prompt_buckets", lambda data: data.prompt_widths),
+    "response_buckets": ("data.response_buckets", lambda data: data.response_widths),
+}
 
 
 @dataclass(frozen=True)
 class Config:
+    """A training run: one section per concern.
+
+    The `sampler` section sets how rollouts are drawn (temperature, top_p, top_k: paper
+    1.0, 1.0, off) and the KV-cache dtype; its `max_new_tokens`, `prompt_buckets` and
+    `response_buckets` are derived from `data` (see `DERIVED_SAMPLER_FIELDS`).
+    """
+
     model: ModelSpec = field(default_factory=ModelSpec)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -184,8 +202,26 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self):
+        derived = {name: get(self.data) for name, (_, get) in DERIVED_SAMPLER_FIELDS.items()}
+        object.__setattr__(self, "sampler", dataclasses.replace(self.sampler, **derived))
+
     def replace(self, **sections) -> "Config":
         return dataclasses.replace(self, **sections)
+
+
+# Keys that moved: the old dotted key still works, with a warning naming the new one.
+MOVED_KEYS = {
+    **{f"train.{k}": f"train.optim.{k}" for k in
+       ("lr", "b1", "b2", "weight_decay", "grad_clip", "schedule", "warmup_steps")},
+    "train.rollout_temperature": "sampler.temperature",
+    **{f"data.{k}": f"data.template.{k}" for k in ("system_prompt", "user_template", "think_prefix")},
+    "eval.benchmark_samples": "eval.samples",
+}
+# Keys that are gone, with what to use instead.
+REMOVED_KEYS = {
+    "data.batch_size": "it was never read; the prompts of a step are train.prompts_per_step",
+}
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
@@ -197,7 +233,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         if path is not None:
             if not os.path.isfile(path):
                 raise ConfigError(f"config file {path!r} does not exist")
-            layers.append(OmegaConf.load(path))
+            layers.append(_upgrade(OmegaConf.load(path), path))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
@@ -207,9 +243,11 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
                 key = empty[0].split("=", 1)[0]
                 raise ConfigError(f"override {empty[0]!r} has no value: write {key}=\'\' (with the quotes "
                                   f"reaching the program) for an empty string, or {key}=null for the default")
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
-        return _build(OmegaConf.to_container(merged, resolve=True))
+            layers.append(_upgrade(OmegaConf.from_dotlist(list(overrides)), "the command line"))
+        merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True)
+        cfg = _build(merged)
+        _check_derived(merged, cfg)
+        return cfg
     except ConfigError:
         raise
     except OmegaConfBaseException as e:
@@ -219,6 +257,56 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         raise ConfigError(f"{source}: {msg}{where}") from None
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def _upgrade(layer, source: str):
+    """`layer` with moved keys under their new names (warning once each); removed keys fail."""
+    tree = OmegaConf.to_container(layer, resolve=False)
+    if not isinstance(tree, dict):
+        return layer
+    for old, why in REMOVED_KEYS.items():
+        if _pop(tree, old, check_only=True):
+            raise ConfigError(f"{source}: {old} was removed: {why}")
+    for old, new in MOVED_KEYS.items():
+        found, value = _pop(tree, old)
+        if not found:
+            continue
+        if _pop(tree, new, check_only=True):
+            raise ConfigError(f"{source}: both {old} and {new} are set; {old} is the old name of {new}")
+        log.warning("%s: %s is deprecated, use %s", source, old, new)
+        node = tree
+        for part in new.split(".")[:-1]:
+            node = node.setdefault(part, {})
+        node[new.split(".")[-1]] = value
+    return OmegaConf.create(tree)
+
+
+def _pop(tree: dict, dotted: str, check_only: bool = False):
+    """(found, value) of a dotted key in a nested dict, removed unless `check_only`."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            return (False, None) if not check_only else False
+    if leaf not in node:
+        return (False, None) if not check_only else False
+    if check_only:
+        return True
+    return True, node.pop(leaf)
+
+
+def _check_derived(tree: dict, cfg: Config) -> None:
+    """A derived sampler field given explicitly must agree with the data section it comes from."""
+    given = tree.get("sampler") or {}
+    for name, (source_key, _) in DERIVED_SAMPLER_FIELDS.items():
+        value = given.get(name)
+        if value is None:
+            continue
+        value = tuple(value) if isinstance(value, list) else value
+        if value != getattr(cfg.sampler, name):
+            raise ConfigError(f"sampler.{name}={value} disagrees with {source_key}, which sets it in "
+                              f"training (it is {getattr(cfg.sampler, name)}); remove sampler.{name}")
 
 
 def _schema_of(cls):
@@ -247,7 +335,7 @@ def _build(tree: dict, cls=Config, section: str = ""):
         value = tree.get(f.name)
         ftype = hints[f.name]
         if dataclasses.is_dataclass(ftype):
-            kwargs[f.name] = _build(value or {}, ftype, f.name)
+            kwargs[f.name] = _build(value or {}, ftype, f"{section}.{f.name}" if section else f.name)
         elif value is not None:
             kwargs[f.name] = tuple(value) if isinstance(value, list) else value
     try:

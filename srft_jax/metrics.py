@@ -49,12 +49,16 @@ def read_metrics(run_dir: str) -> list[dict]:
     return records
 
 
-def truncate_metrics(run_dir: str, last_step: int) -> None:
-    """Keeps only records with step <= last_step (called when a run resumes)."""
+def truncate_metrics(run_dir: str, last_step: int, last_record: Optional[dict] = None) -> None:
+    """Keeps only records with step <= last_step (a run resuming from checkpoint `last_step`,
+    or starting afresh with 0). `last_record`, the checkpointed step's own record, is appended
+    when the file lacks it (the run was killed between the checkpoint and the write)."""
     path = os.path.join(run_dir, METRICS_FILE)
-    if not os.path.isfile(path):
+    keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step] if os.path.isfile(path) else []
+    if last_record is not None and not any(r.get("step") == last_step for r in keep):
+        keep.append({k: _plain(v) for k, v in last_record.items()})
+    if not keep and not os.path.isfile(path):
         return
-    keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         for r in keep:
@@ -63,7 +67,8 @@ def truncate_metrics(run_dir: str, last_step: int) -> None:
 
 
 class MetricsWriter:
-    """Writes step metrics to JSONL (+ TensorBoard / W&B when enabled)."""
+    """Writes step metrics to JSONL (+ TensorBoard / W&B when enabled). The JSONL file is
+    opened at the first write, so a resumed run may truncate it after creating the writer."""
 
     def __init__(self, run_dir: str, *, enabled: bool = True, tensorboard: bool = True,
                  wandb_project: Optional[str] = None, config: Optional[dict] = None):
@@ -74,7 +79,7 @@ class MetricsWriter:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self._file = open(os.path.join(run_dir, METRICS_FILE), "a", buffering=1)
+        self._path = os.path.join(run_dir, METRICS_FILE)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -88,6 +93,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        if self._file is None:
+            self._file = open(self._path, "a", buffering=1)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
@@ -123,6 +130,11 @@ class Progress:
                 shown[k.split("/")[-1] if k != "eval/accuracy" else "acc"] = f"{float(metrics[k]):.3f}"
         self._bar.set_postfix(shown, refresh=False)
         self._bar.update(1)
+
+    def advance_to(self, step: int) -> None:
+        """Shows `step` steps as done (a resumed run), without counting them in the rate."""
+        self._bar.initial = self._bar.n = step
+        self._bar.refresh()
 
     def write(self, text: str) -> None:
         self._bar.write(text)

@@ -38,6 +38,10 @@ from typing import Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
+# Seconds a response may take to score, in training and evaluation alike. Math-Verify's own
+# parsing/verification timeouts are 5 s each, so a legitimate answer on a busy machine fits.
+DEFAULT_REWARD_TIMEOUT = 10.0
+
 THINK_CLOSE = "</think>"
 KINDS = ("math", "mc")
 MC_LETTERS = "ABCDEFGHIJ"  # MMLU-Pro has up to 10 options
@@ -371,7 +375,7 @@ class RewardPool:
     def __init__(
         self,
         num_workers: Optional[int] = None,
-        timeout: float = 5.0,
+        timeout: float = DEFAULT_REWARD_TIMEOUT,
         kill_grace: float = 1.0,
         start_timeout: float = 120.0,
     ):
@@ -627,7 +631,7 @@ atexit.register(_close_shared_pool)
 def batch_math_rewards(
     responses: Sequence[str],
     ground_truths: Sequence[str],
-    timeout: float = 5.0,
+    timeout: float = DEFAULT_REWARD_TIMEOUT,
     num_workers: Optional[int] = None,
 ) -> list[float]:
     """Math rewards for a batch, in order, via a shared :class:`RewardPool`.

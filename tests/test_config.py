@@ -28,15 +28,16 @@ def test_every_config_file_parses(path, tmp_path):
 def test_defaults_are_the_paper_setup():
     cfg = load_config(None)
     t = cfg.train
-    assert (t.lr, t.b1, t.b2, t.weight_decay, t.grad_clip) == (1e-6, 0.9, 0.999, 0.01, 1.0)
+    o = t.optim
+    assert (o.lr, o.b1, o.b2, o.weight_decay, o.grad_clip) == (1e-6, 0.9, 0.999, 0.01, 1.0)
     assert (t.prompts_per_step, t.rollouts_per_prompt, t.updates_per_step) == (128, 7, 2)
-    assert t.rollout_temperature == 1.0 and t.schedule == "constant"
+    assert cfg.sampler.temperature == 1.0 and o.schedule == "constant"
     assert cfg.loss.preset == "paper" and cfg.loss.sft_coef == 0.5 and cfg.loss.rl_coef == 0.1
 
 
 def test_overrides_apply_and_preset_switches_follow_the_preset(tmp_path):
-    cfg = load_config(resolve_config_path("demo"), ["train.lr=2e-6", "loss.preset=grpo"])
-    assert cfg.train.lr == 2e-6
+    cfg = load_config(resolve_config_path("demo"), ["train.optim.lr=2e-6", "loss.preset=grpo"])
+    assert cfg.train.optim.lr == 2e-6
     assert cfg.loss.preset == "grpo" and not cfg.loss.use_sft and cfg.loss.onpolicy_form == "ratio"
     f = tmp_path / "x.yaml"
     f.write_text("loss:\n  preset: official\n  entropy_coef: 0.0\n")
@@ -46,7 +47,7 @@ def test_overrides_apply_and_preset_switches_follow_the_preset(tmp_path):
 
 @pytest.mark.parametrize("override, expected", [
     ("train.lrr=1", "train.lrr"),
-    ("train.lr=abc", "train.lr"),
+    ("train.optim.lr=abc", "train.optim.lr"),
     ("train.steps=-1", "train.steps"),
     ("loss.preset=foo", "preset"),
     ("data.max_prompt_len=0", "data"),
@@ -66,14 +67,42 @@ def test_bad_file_and_bad_override_syntax(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="key=value"):
-        load_config(None, ["train.lr"])
+        load_config(None, ["train.optim.lr"])
     # `key=` would be read as null (= the default): refused, naming the key and both spellings.
-    with pytest.raises(ConfigError, match=r"data.system_prompt=.*has no value.*data.system_prompt=null"):
-        load_config(None, ["data.system_prompt="])
-    assert load_config(None, ["data.system_prompt=''"]).data.system_prompt == ""
+    with pytest.raises(ConfigError, match=r"data.template.system_prompt=.*has no value.*system_prompt=null"):
+        load_config(None, ["data.template.system_prompt="])
+    assert load_config(None, ["data.template.system_prompt=''"]).data.template.system_prompt == ""
     f = tmp_path / "bad.yaml"
-    f.write_text("train:\n  lr: [1, 2]\n")
+    f.write_text("train:\n  optim:\n    lr: [1, 2]\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(str(f))
     with pytest.raises(ConfigError, match="neither a file nor a bundled config"):
         resolve_config_path("no-such-config")
+
+
+def test_moved_keys_still_work_with_a_warning_and_removed_keys_name_the_replacement(tmp_path, caplog):
+    f = tmp_path / "old.yaml"
+    f.write_text("train:\n  lr: 3.0e-4\n  rollout_temperature: 0.7\ndata:\n  system_prompt: ''\n")
+    with caplog.at_level("WARNING"):
+        cfg = load_config(str(f), ["eval.benchmark_samples=4"])
+    assert cfg.train.optim.lr == 3e-4 and cfg.sampler.temperature == 0.7
+    assert cfg.data.template.system_prompt == "" and cfg.eval.samples == 4
+    assert "train.lr is deprecated, use train.optim.lr" in caplog.text
+    assert "eval.benchmark_samples is deprecated, use eval.samples" in caplog.text
+    with pytest.raises(ConfigError, match="data.batch_size was removed.*train.prompts_per_step"):
+        load_config(None, ["data.batch_size=16"])
+    with pytest.raises(ConfigError, match="both train.lr and train.optim.lr"):
+        load_config(None, ["train.lr=1", "train.optim.lr=2"])
+
+
+def test_sampler_lengths_and_buckets_come_from_the_data_section():
+    cfg = load_config(resolve_config_path("demo"))
+    assert cfg.sampler.max_new_tokens == cfg.data.max_response_len == 24
+    assert cfg.sampler.prompt_buckets == cfg.data.prompt_widths == (24,)
+    default = load_config(None)
+    assert default.sampler.response_buckets == default.data.response_widths == (16, 32, 64, 128, 256, 512,
+                                                                                 1024, 2048, 4096, 8192)
+    assert load_config(None, ["sampler.max_new_tokens=8192"]).sampler.max_new_tokens == 8192  # agrees
+    with pytest.raises(ConfigError, match="sampler.max_new_tokens=64 disagrees with data.max_response_len"):
+        load_config(None, ["sampler.max_new_tokens=64"])
+    assert Config().sampler.max_new_tokens == 8192  # also in Python: derived, not the sampler's default

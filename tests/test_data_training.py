@@ -7,14 +7,12 @@ import pytest
 
 from srft_jax.data import (
     LUFFY_SYSTEM_PROMPT,
+    PAPER_TEMPLATE,
     DataConfig,
+    PromptTemplate,
     PromptIterator,
-    bucket_length,
-    build_messages,
-    default_buckets,
     load_training_examples,
     load_training_examples_from_config,
-    render_prompt_ids,
 )
 
 QWEN_STYLE_TEMPLATE = (
@@ -84,16 +82,16 @@ def test_luffy_system_prompt_text():
 
 
 def test_build_messages():
-    assert build_messages("Q?") == [
+    assert PromptTemplate().messages("Q?") == [
         {"role": "system", "content": LUFFY_SYSTEM_PROMPT},
         {"role": "user", "content": "This is the problem: Q?"},
     ]
     # An empty system prompt means no system turn at all (not an empty one).
-    assert build_messages("Q?", system_prompt="") == [{"role": "user", "content": "This is the problem: Q?"}]
+    assert PromptTemplate(system_prompt="").messages("Q?") == [{"role": "user", "content": "This is the problem: Q?"}]
 
 
-def test_render_prompt_ids_is_the_chat_template_then_think(tokenizer):
-    ids = render_prompt_ids(tokenizer, "What is 1 + 1?")
+def test_template_ids_are_the_chat_template_then_think(tokenizer):
+    ids = PAPER_TEMPLATE.ids(tokenizer, "What is 1 + 1?")
     expected = ("<|im_start|>system\n" + LUFFY_SYSTEM_PROMPT + "<|im_end|>\n"
                 "<|im_start|>user\nThis is the problem: What is 1 + 1?<|im_end|>\n"
                 "<|im_start|>assistant\n<think>\n")
@@ -110,7 +108,7 @@ def test_examples_follow_the_layout(tmp_path, tokenizer):
     assert stats.kept == 2 and stats.rows_read == 2 and stats.skipped == {}
     ex = examples[0]
     assert (ex.id, ex.question, ex.ground_truth, ex.data_source) == ("train-0", "What is 1 + 1?", "2", "numina")
-    assert list(ex.prompt_ids) == render_prompt_ids(tokenizer, "What is 1 + 1?")
+    assert list(ex.prompt_ids) == PAPER_TEMPLATE.ids(tokenizer, "What is 1 + 1?")
     # the demonstration continues after "<think>\n": no leading <think>, eos appended
     demo = "Okay, 1 + 1 = 2.\n</think>\n\n\\boxed{2}"
     assert list(ex.demo_ids) == tokenizer(demo, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -119,7 +117,7 @@ def test_examples_follow_the_layout(tmp_path, tokenizer):
     assert full.count("This is the problem:") == 1
     # a user turn without the template words gets them once as well
     assert examples[1].question == "What is 2 + 3?"
-    assert list(examples[1].prompt_ids) == render_prompt_ids(tokenizer, "What is 2 + 3?")
+    assert list(examples[1].prompt_ids) == PAPER_TEMPLATE.ids(tokenizer, "What is 2 + 3?")
 
 
 def test_bad_rows_are_skipped_and_counted_by_reason(tmp_path, tokenizer, caplog):
@@ -190,7 +188,7 @@ def test_length_filters_are_counted(tmp_path, tokenizer):
     examples, stats = load(path, tokenizer, max_response_len=limit)
     assert stats.demo_too_long == sum(n > limit for n in demo_lens) == 2
     assert [len(e.demo_ids) for e in examples] == [n for n in demo_lens if n <= limit]
-    prompt_len = len(render_prompt_ids(tokenizer, "What is 1 + 1?"))
+    prompt_len = len(PAPER_TEMPLATE.ids(tokenizer, "What is 1 + 1?"))
     with pytest.raises(ValueError, match="prompt 4"):
         load(path, tokenizer, max_prompt_len=prompt_len - 1)
 
@@ -271,13 +269,16 @@ def test_from_config(tmp_path, tokenizer):
     (dict(max_response_len=-1), "max_response_len"),
     (dict(prompt_buckets=(64, 32)), "prompt_buckets"),
     (dict(response_buckets=(16,)), "response_buckets"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(user_template="no field"), "user_template"),
     (dict(max_rows=0), "max_rows"),
 ])
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         DataConfig(**kwargs)
+
+
+def test_template_needs_a_question_field():
+    with pytest.raises(ValueError, match="user_template"):
+        PromptTemplate(user_template="no field")
 
 
 def test_config_is_an_omegaconf_structured_config():
@@ -288,23 +289,6 @@ def test_config_is_an_omegaconf_structured_config():
     config = OmegaConf.to_object(merged)
     assert isinstance(config, DataConfig) and config.response_buckets == (1024, 8192)
     assert DataConfig.synthetic("d").max_prompt_len == 48
-
-
-# ---- buckets --------------------------------------------------------------------------
-
-
-def test_bucket_length():
-    assert bucket_length(1, (16, 32)) == 16
-    assert bucket_length(16, (16, 32)) == 16
-    assert bucket_length(17, (16, 32)) == 32
-    with pytest.raises(ValueError, match="length 33"):
-        bucket_length(33, (16, 32))
-
-
-def test_default_buckets():
-    assert default_buckets(100) == (16, 32, 64, 100)
-    assert default_buckets(64) == (16, 32, 64)
-    assert default_buckets(8) == (8,)
 
 
 # ---- iterator -------------------------------------------------------------------------

@@ -344,7 +344,7 @@ def test_scale_configs_load_and_fit_their_meshes():
         assert t.micro_batch_size % (data * fsdp) == 0, name
         assert rows_per_update % t.micro_batch_size == 0, name
         assert (cfg.model.param_dtype, cfg.model.dtype, cfg.model.remat) == ("float32", "bfloat16", "full")
-        assert (t.prompts_per_step, t.rollouts_per_prompt, t.updates_per_step, t.lr) == (128, 7, 2, 1e-6)
+        assert (t.prompts_per_step, t.rollouts_per_prompt, t.updates_per_step, t.optim.lr) == (128, 7, 2, 1e-6)
         assert cfg.data.max_prompt_len == 1024 and cfg.data.max_response_len == 8192
         assert cfg.loss.preset == "paper"
         with pytest.raises(ValueError):

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from srft_jax.data.eval_sets import load_benchmark
-from srft_jax.data.prompts import render_prompt_text
+from srft_jax.data.prompts import PromptTemplate
 from srft_jax.evaluation import CacheMismatch, EvalProtocol, evaluate
 from srft_jax.evaluation.harness import benchmark_path, cache_path, item_seed, load_benchmarks, load_cache
 from srft_jax.evaluation.report import COLUMNS, compare, render_table
@@ -79,7 +79,7 @@ def script_for(benchmarks):
 
 
 PROTOCOL = EvalProtocol(samples=("aime24=4",), batch_size=4, max_new_tokens=64,
-                        system_prompt="Answer in \\boxed{}.")
+                        template=PromptTemplate(system_prompt="Answer in \\boxed{}."))
 EXPECTED_ROW = "| scripted | 50.0 | - | 66.7 | - | - | 58.3 | 50.0 | 100.0 | - | 75.0 |"
 
 
@@ -122,7 +122,7 @@ def test_end_to_end_table_and_records(tmp_path, tokenizer, pool, benchmarks):
     assert policy.samplings[0].temperature == 0.6 and policy.samplings[0].max_new_tokens == 64
     assert len(policy.answered) == 8
     first_prompt = tokenizer.decode(policy.prompts[0])
-    assert first_prompt == render_prompt_text(tokenizer, "Find x if x+5=9.", "Answer in \\boxed{}.")
+    assert first_prompt == PromptTemplate(system_prompt="Answer in \\boxed{}.").text(tokenizer, "Find x if x+5=9.")
     assert first_prompt.endswith("This is the problem: Find x if x+5=9.<|im_end|>\n"
                                  "<|im_start|>assistant\n<think>\n")
 
@@ -208,8 +208,7 @@ def test_protocol_validation_and_samples():
     assert (p.temperature, p.top_p, p.max_new_tokens) == (0.6, 1.0, 8192)
     assert [p.num_samples(b) for b in ("aime24", "amc", "math500", "mmlu_pro")] == [32, 32, 1, 1]
     for bad in (dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0),
-                dict(samples=("aime24",)), dict(samples=("aime24=0",)), dict(batch_size=0),
-                dict(user_template="no field")):
+                dict(samples=("aime24",)), dict(samples=("aime24=0",)), dict(batch_size=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             EvalProtocol(**bad)
 
@@ -226,14 +225,14 @@ def eval_args(argv):
 
 def test_cli_protocol_and_compare(tmp_path, tokenizer, pool, benchmarks, capsys):
     cmd, args = eval_args(["--model", "m"])
-    p = cmd.protocol_from_args(args, {})
+    p = cmd.protocol_from_args(args, PromptTemplate())
     assert (p.temperature, p.top_p, p.max_new_tokens, p.num_samples("amc"), p.num_samples("gpqa_diamond")) \
         == (0.6, 1.0, 8192, 32, 1)
     cmd, args = eval_args(["--model", "m", "--n", "4", "--samples", "aime24=8", "--temperature", "1.0",
                            "--think-prefix", "<think>"])
-    p = cmd.protocol_from_args(args, {"system_prompt": "trained prompt"})
+    p = cmd.protocol_from_args(args, PromptTemplate(system_prompt="trained prompt"))
     assert [p.num_samples(b) for b in ("aime24", "amc", "math500")] == [8, 4, 4]
-    assert (p.temperature, p.system_prompt, p.think_prefix) == (1.0, "trained prompt", "<think>")
+    assert (p.temperature, p.template.system_prompt, p.template.think_prefix) == (1.0, "trained prompt", "<think>")
 
     evaluate(ScriptedPolicy(script_for(benchmarks), tokenizer), benchmarks, tokenizer,
              str(tmp_path / "a" / "eval"), PROTOCOL, model_name="scripted", pool=pool, progress=False)

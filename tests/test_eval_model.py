@@ -13,13 +13,13 @@ from srft_jax.evaluation import EvalProtocol, evaluate
 from srft_jax.evaluation.policy import (
     ModelPolicy,
     evaluate_during_training,
-    load_model_for_eval,
-    padded_prompt_count,
 )
 from srft_jax.evaluation.report import COLUMNS
 from srft_jax.mesh import MeshConfig, make_mesh
 from srft_jax.models import ModelConfig, create_sharded_model, save_pretrained
 from srft_jax.rewards import RewardPool
+from srft_jax.data.prompts import PromptTemplate
+from srft_jax.runs import load_model
 
 MATH = [{"id": f"m{i}", "question": f"What is {a} + {b} ?", "answer": str(a + b)}
         for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 1), (2, 2), (7, 1)])]
@@ -48,13 +48,6 @@ def model_dir(tmp_path_factory):
 def pool():
     with RewardPool(num_workers=1, timeout=10.0) as p:
         yield p
-
-
-def test_padded_prompt_count():
-    assert padded_prompt_count(3, 1, 8) == 8
-    assert padded_prompt_count(3, 2, 8) == 4
-    assert padded_prompt_count(1, 32, 8) == 1
-    assert padded_prompt_count(5, 4, 1) == 8
 
 
 def test_cli_eval_on_tiny_model(model_dir):
@@ -96,8 +89,8 @@ def test_cli_eval_on_tiny_model(model_dir):
 
 def test_samples_do_not_depend_on_batching_and_training_metrics(model_dir, pool):
     mesh = make_mesh(MeshConfig(fsdp=-1))
-    model, tokenizer, template = load_model_for_eval(str(model_dir / "model"), mesh)
-    assert template == {}
+    model, tokenizer, template = load_model(str(model_dir / "model"), mesh)
+    assert template == PromptTemplate()  # an HF directory: the paper's prompt
     text = "3 + 5 = 8 . </think> \\boxed{ 8 }"  # the saved synthetic tokenizer, not Qwen2's
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
     items = {"math500": load_benchmark("math500", path=str(model_dir / "data" / "math500.jsonl"))}
@@ -148,10 +141,8 @@ def test_load_training_run_directory(tmp_path):
     ckpt.save(5, params, {"count": np.zeros((), np.int32)}, {"step": 5})
     ckpt.close()
 
-    model, tok, template = load_model_for_eval(run, make_mesh(MeshConfig(fsdp=-1)))
-    assert template == {"system_prompt": cfg.data.system_prompt,
-                        "user_template": cfg.data.user_template,
-                        "think_prefix": cfg.data.think_prefix}
+    model, tok, template = load_model(run, make_mesh(MeshConfig(fsdp=-1)))
+    assert template == cfg.data.template
     assert len(tok) == len(tokenizer)
     loaded = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model)))
     assert all(np.array_equal(np.asarray(a), np.asarray(b))

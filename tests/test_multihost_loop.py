@@ -47,8 +47,8 @@ OVERRIDES = [
     "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",
     "model.num_heads=2", "model.num_kv_heads=1",
     "train.prompts_per_step=8", "train.rollouts_per_prompt=3", "train.updates_per_step=2",
-    "train.micro_batch_size=8", "train.lr=1e-3", "train.warmup_steps=0", "train.checkpoint_every=2",
-    "train.schedule=constant",  # the runs stop at different train.steps; a cosine would differ
+    "train.micro_batch_size=8", "train.optim.lr=1e-3", "train.optim.warmup_steps=0", "train.checkpoint_every=2",
+    "train.optim.schedule=constant",  # the runs stop at different train.steps; a cosine would differ
     "train.progress_bar=false", "train.reward_workers=1", "train.tensorboard=false",
     "eval.every=2", "eval.num_examples=13", "eval.batch_size=8", "eval.temperature=1.0",
     "data.max_rows=64",

@@ -89,7 +89,8 @@ def test_converted_directory_loads_in_transformers(reference, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from srft_jax.commands.convert import convert, resolve_source
+    from srft_jax.models.convert import convert
+    from srft_jax.runs import resolve_model_path as resolve_source
 
     tokenizer, prompt_ids, ref_tokens, _ = reference
     out = convert(resolve_source("smollm2"), str(tmp_path / "smollm2"), dtype="float32")

@@ -133,14 +133,14 @@ def test_data_copies_to_every_worker():
 
 def test_train_runs_the_same_command_on_all_workers():
     (ssh,) = _dry("train", *BASE, "--config", "configs/qwen2.5-math-7b-srft-v5p64.yaml", "--",
-                  "train.lr=2e-6", "train.run_dir=runs/a b")
+                  "train.optim.lr=2e-6", "train.run_dir=runs/a b")
     assert ssh[4] == "ssh" and _flag(ssh, "--worker") == "all"
     remote = _flag(ssh, "--command")
     # The remote line is itself shell: parse it to check the srft-jax argv exactly.
     words = shlex.split(remote)
     start = words.index("../srft-venv/bin/srft-jax")
     assert words[start:start + 6] == ["../srft-venv/bin/srft-jax", "train", "--config",
-                                      "configs/qwen2.5-math-7b-srft-v5p64.yaml", "train.lr=2e-6",
+                                      "configs/qwen2.5-math-7b-srft-v5p64.yaml", "train.optim.lr=2e-6",
                                       "train.run_dir=runs/a b"]
     assert "(setsid nohup ../srft-venv/bin/srft-jax train" in remote and "../srft-logs/train.log" in words
 
@@ -213,8 +213,8 @@ def test_real_runs_execute_what_dry_run_prints(tmp_path):
 
 def test_gpu_launch(tmp_path):
     out = lambda *a, env=None: _commands(_run(GPU, "--dry-run", *a, env=env).stdout)
-    (cmd,) = out("--config", "configs/qwen2.5-math-7b-srft-8xh100.yaml", "--", "train.lr=1e-6")
-    assert cmd == ["srft-jax", "train", "--config", "configs/qwen2.5-math-7b-srft-8xh100.yaml", "train.lr=1e-6"]
+    (cmd,) = out("--config", "configs/qwen2.5-math-7b-srft-8xh100.yaml", "--", "train.optim.lr=1e-6")
+    assert cmd == ["srft-jax", "train", "--config", "configs/qwen2.5-math-7b-srft-8xh100.yaml", "train.optim.lr=1e-6"]
     (cmd,) = out("--config", "c.yaml", "--coordinator", "10.0.0.1:1234", "--num-processes", "2",
                  "--process-id", "1")
     assert cmd[4:] == ["mesh.distributed=true", "mesh.coordinator_address=10.0.0.1:1234",

@@ -12,12 +12,13 @@ import pytest
 
 from srft_jax.cli import main as cli_main
 from srft_jax.metrics import read_metrics
+from test_config_fields import assert_every_field_read, record_config_reads
 
 SMALL = [
     "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",
     "model.num_heads=2", "model.num_kv_heads=1",
     "train.prompts_per_step=4", "train.rollouts_per_prompt=3", "train.updates_per_step=2",
-    "train.micro_batch_size=8", "train.lr=1e-3", "train.warmup_steps=0",
+    "train.micro_batch_size=8", "train.optim.lr=1e-3", "train.optim.warmup_steps=0",
     "train.progress_bar=false", "train.reward_workers=1",
     "eval.num_examples=8", "eval.batch_size=8",
 ]
@@ -39,13 +40,14 @@ def _params(run_dir, step):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def test_demo_config_runs_and_writes_everything(tmp_path, capsys):
+def test_demo_config_runs_and_writes_everything(tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "demo"
     bench_dir = tmp_path / "bench"
     bench_dir.mkdir()
     with open(bench_dir / "math500.jsonl", "w") as f:  # a tiny local benchmark file
         for i, (q, a) in enumerate([("What is 2 + 3 ?", "5"), ("What is 7 - 4 ?", "3")]):
             f.write(json.dumps({"id": f"m{i}", "question": q, "answer": a}) + "\n")
+    reads = record_config_reads(monkeypatch)  # every config field must be read (test_config_fields)
     rc = cli_main(["train", "--config", "demo", f"train.run_dir={run_dir}", "train.steps=2",
                    "eval.every=2", "train.checkpoint_every=2", "eval.benchmarks=[math500]",
                    f"eval.benchmark_dir={bench_dir}", *SMALL])
@@ -65,6 +67,17 @@ def test_demo_config_runs_and_writes_everything(tmp_path, capsys):
     assert os.path.isfile(run_dir / "hf" / "config.json")
     assert os.path.isfile(run_dir / "plots" / "overview.png")
     assert os.path.isfile(run_dir / "config.yaml")
+    assert_every_field_read(reads)
+    # The phase timers add up to the step time.
+    phases = ("sample", "score", "assemble", "update", "eval", "checkpoint")
+    for r in records:
+        assert r["time/step_s"] == pytest.approx(sum(r[f"time/{p}_s"] for p in phases), rel=1e-9)
+    # The logged learning rate is the cosine schedule's at the step's last update (update k of
+    # 4: 2 steps x 2 updates; no warmup in SMALL), not the configured peak.
+    import math
+
+    cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in (1, 3)]
+    assert [r["train/lr"] for r in records] == pytest.approx(cosine, rel=1e-6)
 
 
 def _train_cmd(run_dir, steps):

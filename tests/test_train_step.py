@@ -142,3 +142,15 @@ def test_non_finite_loss_skips_the_update():
             np.testing.assert_array_equal(a, b)
         params, opt_state, m = step(params, opt_state, batch)
         assert float(m["train/skipped"]) == 0.0 and np.isfinite(float(m["loss"]))
+
+
+def test_schedule_spans_every_update_of_the_run():
+    from srft_jax.train_step import make_schedule
+
+    cosine = make_schedule(OptimizerConfig(lr=1.0, schedule="cosine", warmup_steps=2), steps=10,
+                           updates_per_step=2)
+    assert [float(cosine(i)) for i in (0, 2, 4)] == [0.0, 0.5, 1.0]  # warmup: 2 steps = 4 updates
+    assert float(cosine(12)) == pytest.approx(0.5)  # half-way through the 16 decay updates
+    assert float(cosine(19)) > 0 and float(cosine(20)) == 0.0  # 0 after the last of 20 updates
+    constant = make_schedule(OptimizerConfig(lr=1e-6), steps=500, updates_per_step=2)
+    assert float(constant(0)) == float(constant(999)) == pytest.approx(1e-6)

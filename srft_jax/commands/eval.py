@@ -14,7 +14,10 @@ records (the resume cache: rerunning the same command skips finished items),
 
 from __future__ import annotations
 
+import dataclasses
 import os
+
+from srft_jax.rewards import DEFAULT_REWARD_TIMEOUT
 
 PAPER_BENCHMARKS = "aime24,amc,math500,minerva,olympiad,arc_c,gpqa_diamond,mmlu_pro"
 
@@ -48,8 +51,8 @@ def add_arguments(parser):
                         help="text after the generation prompt (default '<think>\\n', or the run's)")
     parser.add_argument("--reward-workers", type=int, default=None,
                         help="reward worker processes (default: one per CPU core)")
-    parser.add_argument("--reward-timeout", type=float, default=10.0,
-                        help="seconds per response for Math-Verify (default 10)")
+    parser.add_argument("--reward-timeout", type=float, default=DEFAULT_REWARD_TIMEOUT,
+                        help=f"seconds per response for Math-Verify (default {DEFAULT_REWARD_TIMEOUT:g})")
     parser.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
                         help="print two evaluated runs (results.json, or a directory holding "
                              "one or eval/results.json) side by side, then exit")
@@ -59,8 +62,9 @@ def add_arguments(parser):
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def protocol_from_args(args, template: dict):
-    """The EvalProtocol of the command line; ``template`` holds prompt fields from a run."""
+def protocol_from_args(args, template):
+    """The EvalProtocol of the command line; ``template`` is the model's `PromptTemplate`
+    (a training run's own, or the paper's)."""
     from srft_jax.evaluation.harness import PAPER_SAMPLES, EvalProtocol
 
     samples = list(PAPER_SAMPLES)
@@ -69,16 +73,13 @@ def protocol_from_args(args, template: dict):
         samples, default_samples = [], args.n
     if args.samples:
         samples += [s.strip() for s in args.samples.split(",") if s.strip()]
-    fields = dict(template)
-    if args.system_prompt is not None:
-        fields["system_prompt"] = args.system_prompt
-    if args.think_prefix is not None:
-        fields["think_prefix"] = args.think_prefix
+    changes = {name: value for name, value in (("system_prompt", args.system_prompt),
+                                               ("think_prefix", args.think_prefix)) if value is not None}
     return EvalProtocol(
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
         default_samples=default_samples, samples=tuple(samples), seed=args.seed,
         batch_size=args.batch_size, reward_timeout=args.reward_timeout,
-        reward_workers=args.reward_workers, **fields)
+        reward_workers=args.reward_workers, template=dataclasses.replace(template, **changes))
 
 
 def run(args) -> int:
@@ -100,22 +101,16 @@ def run(args) -> int:
 
     import jax
 
-    from srft_jax import distributed, mesh as mesh_lib
-    from srft_jax.evaluation.harness import CacheMismatch, evaluate, load_benchmarks
-    from srft_jax.evaluation.policy import ModelPolicy, load_model_for_eval
+    from srft_jax.evaluation.harness import CacheMismatch
+    from srft_jax.evaluation.policy import evaluate_model
+    from srft_jax.mesh import MeshConfig
 
-    mesh_cfg = mesh_lib.MeshConfig(data=args.data, fsdp=args.fsdp, tensor=args.tensor)
-    mesh_cfg = distributed.initialize(mesh_cfg)
-    mesh = mesh_lib.make_mesh(mesh_cfg)
-    model, tokenizer, template = load_model_for_eval(args.model, mesh)
-    protocol = protocol_from_args(args, template)
-    benchmarks = load_benchmarks(names, args.data_dir, args.limit)
-    out = args.out or os.path.join(args.model, "eval")
-    name = args.name or os.path.basename(os.path.normpath(args.model))
-    policy = ModelPolicy(model, tokenizer, mesh)
     try:
-        results = evaluate(policy, benchmarks, tokenizer, out, protocol, model_name=name,
-                           write=jax.process_index() == 0, progress=not args.no_progress)
+        results, out = evaluate_model(
+            args.model, names, lambda template: protocol_from_args(args, template),
+            data_dir=args.data_dir, limit=args.limit, out=args.out, name=args.name,
+            mesh_config=MeshConfig(data=args.data, fsdp=args.fsdp, tensor=args.tensor),
+            progress=not args.no_progress)
     except CacheMismatch as e:
         print(f"error: {e}")
         return 2

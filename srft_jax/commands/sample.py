@@ -8,6 +8,7 @@ Examples:
 The prompt goes through the tokenizer's chat template (one user turn, generation prompt added)
 unless `--no-chat-template`; generation stops at the tokenizer's end-of-sequence / end-of-turn
 tokens. Each sample is printed after a `=== sample i (N tokens, stop|length) ===` header.
+The work is `srft_jax.generate.complete`.
 """
 
 from __future__ import annotations
@@ -34,42 +35,16 @@ def add_arguments(parser):
                         help="parameter and compute dtype (default: float32)")
 
 
-def prompt_ids(tokenizer, prompt: str, system=None, chat_template: bool = True) -> list[int]:
-    """Token ids of the prompt, through the chat template unless disabled."""
-    if not chat_template:
-        return list(tokenizer(prompt)["input_ids"])
-    if not tokenizer.chat_template:
-        raise ValueError("the tokenizer has no chat template; pass --no-chat-template")
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def run(args) -> int:
-    import numpy as np
+    from srft_jax.generate import complete, plain_template
 
-    from srft_jax.data.tokenizer import decode_response, load_tokenizer, stop_token_ids
-    from srft_jax.models import weights
-    from srft_jax.sampler import Sampler, SamplerConfig
-
-    overrides = {} if args.dtype is None else dict(param_dtype=args.dtype, dtype=args.dtype)
-    model, _ = weights.load_pretrained(args.model, **overrides)
-    tokenizer = load_tokenizer(args.model)
-    ids = prompt_ids(tokenizer, args.prompt, args.system, not args.no_chat_template)
-    stops = stop_token_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    # One call compiles one shape, so the buckets are the exact prompt and response lengths.
-    config = SamplerConfig(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens, prompt_buckets=(len(ids),),
-        response_buckets=(args.max_new_tokens,), kv_cache_dtype=args.kv_cache_dtype)
-    sampler = Sampler(config, stops, pad)
-    tokens = np.asarray([ids], np.int32)
-    out = sampler.generate(model, tokens, np.ones_like(tokens), num_samples=args.n, seed=args.seed)
-    for row in range(out.num_rows):
-        reason = "stop" if out.finished_by_stop[row] else "length"
-        print(f"=== sample {row} ({int(out.lengths[row])} tokens, {reason}) ===")
-        print(decode_response(tokenizer, out.response(row), stops))
+    completions = complete(
+        args.model, args.prompt, n=args.n, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        template=plain_template(args.system), chat_template=not args.no_chat_template,
+        kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype)
+    for i, c in enumerate(completions):
+        print(f"=== sample {i} ({c.length} tokens, {'stop' if c.stopped else 'length'}) ===")
+        print(c.text)
     sys.stdout.flush()
     return 0

@@ -11,7 +11,7 @@ def add_arguments(parser):
     parser.add_argument("--config", default=None,
                         help="YAML config file, or the name of a bundled config "
                              "(demo, demo-grpo, ...); default: demo")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-6")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.optim.lr=2e-6")
 
 
 def run(args) -> int:

@@ -9,12 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from srft_jax.data.prompts import (
-    LUFFY_SYSTEM_PROMPT,
-    SYNTHETIC_SYSTEM_PROMPT,
-    THINK_PREFIX,
-    USER_TEMPLATE,
-)
+from srft_jax.data.prompts import PromptTemplate, SYNTHETIC_TEMPLATE
+from srft_jax.shapes import default_buckets
 
 
 def _check_buckets(name: str, buckets: tuple[int, ...], max_len: int) -> None:
@@ -40,11 +36,10 @@ class DataConfig:
       prompt_buckets: allowed padded prompt widths; () = powers of two up to P_max.
       response_buckets: allowed padded response widths; () = powers of two up to R_max.
       seed: seed of the epoch-wise shuffle of prompts.
-      batch_size: prompts per step (paper: 128).
       shuffle: shuffle prompts each epoch.
-      system_prompt: system turn (paper: LUFFY's); "" = no system turn.
-      user_template: user turn with a "{question}" field (paper: "This is the problem: ...").
-      think_prefix: text appended after the generation prompt (paper: "<think>\\n").
+      template: the prompt around each question (`PromptTemplate`: system_prompt,
+        user_template, think_prefix; paper: LUFFY's system prompt, "This is the problem:
+        {question}", "<think>\\n"). Evaluation during training uses the same template.
       end_token: token closing a demonstration; None = the tokenizer's eos token.
       max_rows: read at most this many rows (None = all).
       require_demo: rows without a demonstration are bad rows (SRFT needs one per prompt).
@@ -61,11 +56,8 @@ class DataConfig:
     prompt_buckets: tuple[int, ...] = ()
     response_buckets: tuple[int, ...] = ()
     seed: int = 0
-    batch_size: int = 128
     shuffle: bool = True
-    system_prompt: str = LUFFY_SYSTEM_PROMPT
-    user_template: str = USER_TEMPLATE
-    think_prefix: str = THINK_PREFIX
+    template: PromptTemplate = dataclasses.field(default_factory=PromptTemplate)
     end_token: Optional[str] = None
     max_rows: Optional[int] = None
     require_demo: bool = True
@@ -80,10 +72,6 @@ class DataConfig:
             raise ValueError(f"max_response_len must be >= 1, got {self.max_response_len}")
         _check_buckets("prompt_buckets", tuple(self.prompt_buckets), self.max_prompt_len)
         _check_buckets("response_buckets", tuple(self.response_buckets), self.max_response_len)
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if "{question}" not in self.user_template:
-            raise ValueError(f"user_template must contain '{{question}}', got {self.user_template!r}")
         if self.max_rows is not None and self.max_rows < 1:
             raise ValueError(f"max_rows must be >= 1 or None, got {self.max_rows}")
         if self.end_token is not None and not self.end_token:
@@ -99,6 +87,16 @@ class DataConfig:
         if not self.split:
             raise ValueError("split must be a non-empty string")
 
+    @property
+    def prompt_widths(self) -> tuple[int, ...]:
+        """The padded prompt widths: `prompt_buckets`, or powers of two up to P_max."""
+        return tuple(self.prompt_buckets) or default_buckets(self.max_prompt_len)
+
+    @property
+    def response_widths(self) -> tuple[int, ...]:
+        """The padded response widths: `response_buckets`, or powers of two up to R_max."""
+        return tuple(self.response_buckets) or default_buckets(self.max_response_len)
+
     @classmethod
     def synthetic(cls, source: str = "", **overrides) -> "DataConfig":
         """Preset for the in-process arithmetic task (short prompt, tiny lengths)."""
@@ -108,9 +106,7 @@ class DataConfig:
             max_response_len=32,
             prompt_buckets=(48,),
             response_buckets=(32,),
-            batch_size=16,
-            system_prompt=SYNTHETIC_SYSTEM_PROMPT,
-            think_prefix="<think>",
+            template=SYNTHETIC_TEMPLATE,
         )
         values.update(overrides)
         return cls(**values)

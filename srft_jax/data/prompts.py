@@ -11,6 +11,8 @@ appended to the rendered text before tokenising, so the model continues inside
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from typing import Any
 
 # LUFFY's system prompt, as stored in the `prompt` column of Elliott/Openr1-Math-46k-8192
@@ -43,42 +45,55 @@ THINK_PREFIX = "<think>\n"
 SYNTHETIC_SYSTEM_PROMPT = "Think step by step , then put the answer in \\boxed{ } ."
 
 
-def build_messages(
-    question: str,
-    system_prompt: str = LUFFY_SYSTEM_PROMPT,
-    user_template: str = USER_TEMPLATE,
-) -> list[dict[str, str]]:
-    """Chat messages (system + user) for one question; no system turn when `system_prompt`
-    is empty."""
-    user = {"role": "user", "content": user_template.format(question=question)}
-    return [{"role": "system", "content": system_prompt}, user] if system_prompt else [user]
+@dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+    """The prompt around a question, the same in training, evaluation and `srft-jax sample`.
+
+    system_prompt: the system turn (paper: LUFFY's); "" = no system turn.
+    user_template: the user turn with a "{question}" field (paper: "This is the problem: ...").
+    think_prefix: text appended after the chat template's generation prompt (paper:
+      "<think>\\n"), so the model continues inside its reasoning section.
+    """
+
+    system_prompt: str = LUFFY_SYSTEM_PROMPT
+    user_template: str = USER_TEMPLATE
+    think_prefix: str = THINK_PREFIX
+
+    def __post_init__(self):
+        if "{question}" not in self.user_template:
+            raise ValueError(f"user_template must contain '{{question}}', "
+                             f"got {self.user_template!r}")
+
+    def messages(self, question: str) -> list[dict[str, str]]:
+        """Chat messages (system + user) for one question; no system turn when the system
+        prompt is empty."""
+        user = {"role": "user", "content": self.user_template.format(question=question)}
+        return [{"role": "system", "content": self.system_prompt}, user] if self.system_prompt else [user]
+
+    def text(self, tokenizer: Any, question: str) -> str:
+        """Prompt text: the chat template with the generation prompt, then the think prefix."""
+        text = tokenizer.apply_chat_template(self.messages(question), tokenize=False,
+                                             add_generation_prompt=True)
+        if not isinstance(text, str):
+            raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}")
+        return text + self.think_prefix
+
+    def ids(self, tokenizer: Any, question: str) -> list[int]:
+        """Token ids of the templated prompt, ending with the think prefix."""
+        return list(tokenizer(self.text(tokenizer, question), add_special_tokens=False)["input_ids"])
+
+    def question_of(self, content: str) -> str:
+        """The bare question of a user turn that may already carry this template's words."""
+        return strip_user_template(content, self.user_template)
+
+    def fingerprint(self) -> str:
+        """A short hash of the three fields (evaluation caches record what they sampled with)."""
+        joined = "\0".join((self.system_prompt, self.user_template, self.think_prefix))
+        return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
-def render_prompt_text(
-    tokenizer: Any,
-    question: str,
-    system_prompt: str = LUFFY_SYSTEM_PROMPT,
-    user_template: str = USER_TEMPLATE,
-    think_prefix: str = THINK_PREFIX,
-) -> str:
-    """Prompt text: the chat template with the generation prompt, then the think prefix."""
-    messages = build_messages(question, system_prompt, user_template)
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if not isinstance(text, str):
-        raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}")
-    return text + think_prefix
-
-
-def render_prompt_ids(
-    tokenizer: Any,
-    question: str,
-    system_prompt: str = LUFFY_SYSTEM_PROMPT,
-    user_template: str = USER_TEMPLATE,
-    think_prefix: str = THINK_PREFIX,
-) -> list[int]:
-    """Token ids of the templated prompt ending with the assistant's ``<think>`` start."""
-    text = render_prompt_text(tokenizer, question, system_prompt, user_template, think_prefix)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+PAPER_TEMPLATE = PromptTemplate()
+SYNTHETIC_TEMPLATE = PromptTemplate(SYNTHETIC_SYSTEM_PROMPT, USER_TEMPLATE, "<think>")
 
 
 def strip_user_template(content: str, user_template: str = USER_TEMPLATE) -> str:

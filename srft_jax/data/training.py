@@ -24,14 +24,9 @@ import logging
 from typing import Any, Optional
 
 from srft_jax.data.config import DataConfig
-from srft_jax.data.prompts import (
-    LUFFY_SYSTEM_PROMPT,
-    THINK_PREFIX,
-    USER_TEMPLATE,
-    render_prompt_text,
-    strip_user_template,
-)
+from srft_jax.data.prompts import PAPER_TEMPLATE, PromptTemplate
 from srft_jax.data.sources import BadRecord, as_text, iter_records
+from srft_jax.shapes import bucket_length, default_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -90,33 +85,6 @@ class LoadStats:
 
 
 # --------------------------------------------------------------------------------------
-# Buckets
-# --------------------------------------------------------------------------------------
-
-
-def bucket_length(n: int, buckets: tuple[int, ...]) -> int:
-    """The smallest bucket >= n (buckets ascending); ValueError naming n if none fits."""
-    for b in buckets:
-        if b >= n:
-            return b
-    raise ValueError(f"length {n} exceeds the largest bucket {max(buckets, default=None)} "
-                     f"(buckets={tuple(buckets)})")
-
-
-def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
-    """Powers of two from ``smallest`` below ``max_len``, then ``max_len`` itself."""
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
-    out = []
-    b = smallest
-    while b < max_len:
-        out.append(b)
-        b *= 2
-    out.append(max_len)
-    return tuple(out)
-
-
-# --------------------------------------------------------------------------------------
 # Row validation
 # --------------------------------------------------------------------------------------
 
@@ -152,12 +120,12 @@ def _chat_list(value: Any, field: str) -> list:
     return list(value)
 
 
-def _user_question(prompt: Any, user_template: str) -> str:
+def _user_question(prompt: Any, template: PromptTemplate) -> str:
     messages = _chat_list(prompt, "prompt")
     users = [m for m in messages if m.get("role") == "user"]
     if not users:
         raise _BadRow("no_user_turn")
-    question = strip_user_template(_text(users[-1].get("content"), "prompt"), user_template)
+    question = template.question_of(_text(users[-1].get("content"), "prompt"))
     if not question:
         raise _BadRow("empty_question")
     return question
@@ -191,7 +159,7 @@ def _ground_truth(reward_model: Any) -> str:
 
 
 def parse_training_row(
-    row: Any, user_template: str = USER_TEMPLATE, require_demo: bool = True
+    row: Any, template: PromptTemplate = PAPER_TEMPLATE, require_demo: bool = True
 ) -> _Row:
     """Validated fields of one row; raises ``_BadRow(reason)``."""
     if isinstance(row, BadRecord):
@@ -200,7 +168,7 @@ def parse_training_row(
         raise _BadRow("not_an_object")
     if row.get("prompt") is None:
         raise _BadRow("missing_prompt")
-    question = _user_question(row["prompt"], user_template)
+    question = _user_question(row["prompt"], template)
     if row.get("reward_model") is None:
         raise _BadRow("missing_ground_truth")
     ground_truth = _ground_truth(row["reward_model"])
@@ -238,9 +206,7 @@ def load_training_examples(
     max_response_len: int,
     *,
     split: str = "train",
-    system_prompt: str = LUFFY_SYSTEM_PROMPT,
-    user_template: str = USER_TEMPLATE,
-    think_prefix: str = THINK_PREFIX,
+    template: PromptTemplate = PAPER_TEMPLATE,
     end_token: Optional[str] = None,
     prompt_buckets: tuple[int, ...] = (),
     response_buckets: tuple[int, ...] = (),
@@ -274,8 +240,7 @@ def load_training_examples(
         chunk = [(i, r) for i, r in chunk if r.demo is None or demos[i]]
         if not chunk:
             return
-        prompts = [render_prompt_text(tokenizer, r.question, system_prompt, user_template,
-                                      think_prefix) for _, r in chunk]
+        prompts = [template.text(tokenizer, r.question) for _, r in chunk]
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         demo_keys = [i for i, r in chunk if r.demo is not None]
         demo_ids = {}
@@ -308,7 +273,7 @@ def load_training_examples(
             break
         rows_read += 1
         try:
-            chunk.append((index, parse_training_row(record, user_template, require_demo)))
+            chunk.append((index, parse_training_row(record, template, require_demo)))
         except _BadRow as bad:
             skipped[bad.reason] += 1
             continue
@@ -355,9 +320,7 @@ def load_training_examples_from_config(
         config.max_prompt_len,
         config.max_response_len,
         split=config.split,
-        system_prompt=config.system_prompt,
-        user_template=config.user_template,
-        think_prefix=config.think_prefix,
+        template=config.template,
         end_token=config.end_token,
         prompt_buckets=config.prompt_buckets,
         response_buckets=config.response_buckets,

@@ -1,6 +1,6 @@
 """Benchmark evaluation: the harness (JAX-free), the report, and the model-backed policy.
 
-`srft_jax.evaluation.policy` (ModelPolicy, evaluate_during_training, load_model_for_eval)
+`srft_jax.evaluation.policy` (ModelPolicy, evaluate_during_training, evaluate_model)
 imports JAX and is not imported here, so the harness and report load without it.
 """
 

@@ -33,7 +33,8 @@ from typing import Any, Optional, Protocol, Sequence
 
 from srft_jax import eval_metrics
 from srft_jax.data.eval_sets import EvalItem, format_question
-from srft_jax.data.prompts import LUFFY_SYSTEM_PROMPT, THINK_PREFIX, USER_TEMPLATE, render_prompt_ids
+from srft_jax.data.prompts import PromptTemplate
+from srft_jax.rewards import DEFAULT_REWARD_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class EvalProtocol:
       samples: per-benchmark sample counts as "name=n" (paper: avg@32 on aime24 and amc).
       seed: base sampling seed.
       batch_size: sequences per sampler call (items per call = max(1, batch_size // n)).
-      system_prompt, user_template, think_prefix: the prompt, as in training.
+      template: the prompt around each question, as in training (`PromptTemplate`).
       reward_timeout: seconds per response for Math-Verify.
       reward_workers: reward worker processes (None = one per CPU core).
     """
@@ -74,10 +75,8 @@ class EvalProtocol:
     samples: tuple[str, ...] = PAPER_SAMPLES
     seed: int = 0
     batch_size: int = 128
-    system_prompt: str = LUFFY_SYSTEM_PROMPT
-    user_template: str = USER_TEMPLATE
-    think_prefix: str = THINK_PREFIX
-    reward_timeout: float = 10.0
+    template: PromptTemplate = PromptTemplate()
+    reward_timeout: float = DEFAULT_REWARD_TIMEOUT
     reward_workers: Optional[int] = None
 
     def __post_init__(self):
@@ -92,8 +91,6 @@ class EvalProtocol:
         parse_samples(self.samples)  # raises naming the bad entry
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if "{question}" not in self.user_template:
-            raise ValueError(f"user_template must contain '{{question}}', got {self.user_template!r}")
         if not self.reward_timeout > 0:
             raise ValueError(f"reward_timeout must be > 0 seconds, got {self.reward_timeout}")
         if self.reward_workers is not None and self.reward_workers < 1:
@@ -107,10 +104,9 @@ class EvalProtocol:
 
     def settings(self, benchmark: str) -> dict[str, Any]:
         """What a cached item must agree on to be reused (batch size and workers don't matter)."""
-        template = "\0".join((self.system_prompt, self.user_template, self.think_prefix))
         return {"num_samples": self.num_samples(benchmark), "temperature": self.temperature,
                 "top_p": self.top_p, "max_new_tokens": self.max_new_tokens, "seed": self.seed,
-                "prompt_sha": hashlib.sha256(template.encode()).hexdigest()[:16]}
+                "prompt_sha": self.template.fingerprint()}
 
 
 def parse_samples(entries: Sequence[str]) -> dict[str, int]:
@@ -208,8 +204,7 @@ def load_benchmarks(names: Sequence[str], data_dir: Optional[str] = None,
 
 def prompt_ids(tokenizer: Any, item: EvalItem, protocol: EvalProtocol) -> list[int]:
     """Token ids of the training prompt for ``item`` (mc options included in the question)."""
-    return render_prompt_ids(tokenizer, format_question(item), protocol.system_prompt,
-                             protocol.user_template, protocol.think_prefix)
+    return protocol.template.ids(tokenizer, format_question(item))
 
 
 def extract_answer(response: str, kind: str) -> Optional[str]:

@@ -9,34 +9,20 @@ are prompt-major: row b*G+g is sample g of prompt b.
 from __future__ import annotations
 
 import logging
-import math
-import os
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 
 from srft_jax import distributed
-from srft_jax.batch import left_pad
 from srft_jax.data.eval_sets import EvalItem
-from srft_jax.data.tokenizer import decode_response, load_tokenizer, stop_token_ids
+from srft_jax.data.tokenizer import decode_response, stop_token_ids
 from srft_jax.evaluation.harness import Completion, EvalProtocol, Sampling, evaluate
 from srft_jax.evaluation.report import averages
 from srft_jax.sampler import Sampler, SamplerConfig
+from srft_jax.shapes import left_pad, padded_count
 
 log = logging.getLogger(__name__)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def padded_prompt_count(num_prompts: int, num_samples: int, shards: int) -> int:
-    """B: a power of two >= ``num_prompts``, rounded up so that B * G rows divide evenly
-    over ``shards`` (otherwise the sampler would replicate the rows on every shard)."""
-    step = shards // math.gcd(shards, num_samples)
-    return -(-_next_pow2(num_prompts) // step) * step
-
 
 
 class ModelPolicy:
@@ -66,7 +52,7 @@ class ModelPolicy:
             return []
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        b = padded_prompt_count(len(prompts), num_samples, distributed.batch_shards(self.mesh))
+        b = padded_count(len(prompts), num_samples, distributed.batch_shards(self.mesh))
         pad = b - len(prompts)
         padded = list(prompts) + [prompts[0]] * pad
         ids = np.asarray(list(seeds) + [0] * pad, np.int64).astype(np.int32)  # [B]
@@ -117,37 +103,6 @@ class ModelPolicy:
         return full[:, :r], full[:, r], full[:, r + 1].astype(bool)
 
 
-# Tokenizers saved from a plain `tokenizers` object (the synthetic task's, test doubles).
-def load_model_for_eval(path: str, mesh) -> tuple[Any, Any, dict[str, str]]:
-    """(model, tokenizer, prompt template fields) from an HF directory or a training run.
-
-    A training run directory (it has ``checkpoints/``) gives its latest checkpoint, its
-    saved tokenizer and the prompt it trained with (system prompt, user template, think
-    prefix from its config.yaml); an HF directory gives its weights and tokenizer and an
-    empty template (the paper's prompt).
-    """
-    import dataclasses
-
-    from srft_jax.models.weights import load_pretrained
-
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        from srft_jax import train
-        from srft_jax.config import load_config
-
-        cfg = load_config(os.path.join(path, "config.yaml"))
-        cfg = cfg.replace(model=dataclasses.replace(cfg.model, path=path))
-        tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
-        with jax.set_mesh(mesh):
-            model = train.init_model(cfg, train.model_config_for(cfg, len(tokenizer)), mesh)
-        template = {"system_prompt": cfg.data.system_prompt, "user_template": cfg.data.user_template,
-                    "think_prefix": cfg.data.think_prefix}
-        return model, tokenizer, template
-    tokenizer = load_tokenizer(path)
-    with jax.set_mesh(mesh):
-        model, _ = load_pretrained(path, mesh=mesh)
-    return model, tokenizer, {}
-
-
 def evaluate_during_training(model: Any, tokenizer: Any, benchmarks: dict[str, Sequence[EvalItem]],
                              protocol: EvalProtocol, mesh, seed: int, *,
                              sampler: Optional[Sampler] = None, pool=None) -> dict[str, float]:
@@ -175,3 +130,28 @@ def evaluate_during_training(model: Any, tokenizer: Any, benchmarks: dict[str, S
         if value is not None:
             metrics[f"eval/{'math_avg' if key == 'avg' else key}"] = float(value)
     return metrics
+
+
+def evaluate_model(model_path: str, benchmarks: Sequence[str], protocol_for, *, data_dir=None,
+                   limit: Optional[int] = None, out: Optional[str] = None, name: Optional[str] = None,
+                   mesh_config=None, progress: bool = True):
+    """`srft-jax eval`: a model (HF directory or run directory) on named benchmarks.
+
+    ``protocol_for(template)`` builds the `EvalProtocol` from the model's prompt template (a
+    run directory's own, else the paper's). Results (per-item cache, results.json, table.md)
+    go to ``out`` (default ``<model>/eval``); returns ``(EvalResults, out)``. Every process of
+    a multi-host job calls it; process 0 writes.
+    """
+    import os
+
+    from srft_jax import mesh as mesh_lib, runs
+    from srft_jax.evaluation.harness import load_benchmarks
+
+    mesh = mesh_lib.make_mesh(distributed.initialize(mesh_config or mesh_lib.MeshConfig()))
+    model, tokenizer, template = runs.load_model(model_path, mesh)
+    items = load_benchmarks(list(benchmarks), data_dir, limit)
+    out = out or os.path.join(model_path, "eval")
+    name = name or os.path.basename(os.path.normpath(model_path))
+    results = evaluate(ModelPolicy(model, tokenizer, mesh), items, tokenizer, out, protocol_for(template),
+                       model_name=name, write=jax.process_index() == 0, progress=progress)
+    return results, out

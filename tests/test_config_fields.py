@@ -1,0 +1,91 @@
+"""Every config field means what it says: a short training run reads every field of every
+section (outside the dataclasses' own validation), except the few listed below with where
+they are read. A field nobody reads would be a setting that silently does nothing. The run
+itself is `test_train_loop.test_demo_config_runs_and_writes_everything`, which uses the
+recorder defined here."""
+
+import dataclasses
+import sys
+
+import pytest
+
+from srft_jax.config import Config
+
+# Fields read only while the config is built, and where.
+READ_ELSEWHERE = {
+    "loss.preset": "resolved into the loss switches by SRFTLossConfig.__post_init__",
+}
+
+
+def _sections(cls=Config, prefix=""):
+    """(dotted section name, dataclass) of every section and nested section of the config."""
+    import typing
+
+    out = []
+    for f in dataclasses.fields(cls):
+        ftype = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(ftype):
+            name = f"{prefix}{f.name}"
+            out.append((name, ftype))
+            out += _sections(ftype, name + ".")
+    return out
+
+
+# Functions that read every field while building, checking or saving a config: not uses.
+_LOADER = {"__post_init__", "load_config", "_build", "_check_derived", "to_yaml"}
+
+
+def _in_validation(frame, depth: int = 6) -> bool:
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name in _LOADER:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def record_config_reads(monkeypatch) -> set:
+    """From now on, every read of a config field by srft_jax code outside the dataclasses' own
+    validation is added to the returned set (as dotted keys, e.g. 'train.optim.lr')."""
+    sections = _sections()
+    by_class = {}
+    for name, cls in sections:
+        by_class.setdefault(cls, []).append(name)
+    reads = set()
+    for cls, names in by_class.items():
+        own = {f.name for f in dataclasses.fields(cls)}
+
+        def getattribute(self, attr, _names=tuple(names), _own=own):
+            if attr in _own:
+                frame = sys._getframe(1)
+                caller = frame.f_globals.get("__name__", "")
+                if caller.startswith("srft_jax") and not _in_validation(frame):
+                    reads.update(f"{n}.{attr}" for n in _names)
+            return object.__getattribute__(self, attr)
+
+        monkeypatch.setattr(cls, "__getattribute__", getattribute)
+    return reads
+
+
+def assert_every_field_read(reads: set) -> None:
+    """Every leaf field of every section is in `reads` or in READ_ELSEWHERE (and no more)."""
+    fields = {f"{name}.{f.name}" for name, cls in _sections() for f in dataclasses.fields(cls)}
+    fields -= {name for name, _ in _sections()}  # nested sections themselves (train.optim, ...)
+    unread = sorted(fields - reads - set(READ_ELSEWHERE))
+    assert not unread, f"config fields no training code read: {unread}"
+    assert not reads & set(READ_ELSEWHERE), "READ_ELSEWHERE lists a field the loop reads"
+
+
+def test_the_recorder_sees_reads_and_ignores_validation(monkeypatch):
+    from srft_jax.train_step import OptimizerConfig
+
+    reads = record_config_reads(monkeypatch)
+    cfg = OptimizerConfig(lr=0.5)  # __post_init__ reads every field: not counted
+    assert reads == set()
+    from srft_jax.train_step import make_schedule
+
+    make_schedule(cfg, steps=3)
+    assert {"train.optim.lr", "train.optim.warmup_steps", "train.optim.schedule"} <= reads
+    with pytest.raises(AssertionError, match="config fields no training code read"):
+        assert_every_field_read(reads)
