@@ -13,19 +13,18 @@ import textwrap
 
 import pytest
 
-tfds = pytest.importorskip("tensorflow_datasets")
+import tensorflow_datasets as tfds  # the tfds extra, part of the test extra
 
-from srft_jax.cli import main as cli_main  # noqa: E402
-from srft_jax.data import DataConfig, PromptIterator, gsm8k  # noqa: E402
-from srft_jax.data.convert import convert_to_tfds  # noqa: E402
-from srft_jax.data.eval_sets import load_benchmark  # noqa: E402
-from srft_jax.data.tfds_io import DatasetWriter, is_tfds_source, open_split  # noqa: E402
-from srft_jax.data.training import (  # noqa: E402
+from srft_jax.cli import main as cli_main
+from srft_jax.data import DataConfig, PromptIterator, gsm8k
+from srft_jax.data.convert import convert_to_tfds
+from srft_jax.data.tfds_io import DatasetWriter, is_tfds_source, open_split
+from srft_jax.data.training import (
     LazyExamples,
     load_training_examples,
     load_training_examples_from_config,
 )
-from srft_jax.testing import ScriptedPolicy, make_byte_tokenizer  # noqa: E402
+from srft_jax.testing import ScriptedPolicy, make_byte_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,6 +142,25 @@ def test_convert_one_split_shards_and_refuses_a_used_directory(tmp_path):
         open_split(str(dest), "train")
 
 
+def test_convert_a_hub_dataset_writes_each_of_its_splits(tmp_path, monkeypatch):
+    import datasets
+
+    hub = {"train": [good_row(i) for i in range(3)], "test": [good_row(9), BAD_ROWS["empty_answer"]]}
+    calls = []
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda path, name=None: list(hub))
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return hub[split]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    summaries = convert_to_tfds("org/math-data", str(tmp_path / "out"), progress=False)
+    assert calls == [("org/math-data", None, "train"), ("org/math-data", None, "test")]
+    assert [(s.split, s.written, s.skipped) for s in summaries] == [
+        ("train", 3, {}), ("test", 1, {"empty_answer": 1})]
+    assert read_back(tmp_path / "out")["test"] == [expected_fields(9, 0, "test")]
+
+
 def test_data_convert_command(tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
@@ -177,7 +195,7 @@ def test_training_from_tfds_gives_the_same_examples_and_batches(tmp_path, tokeni
     lazy, lazy_stats = load(str(dest))
     assert isinstance(lazy, LazyExamples) and isinstance(eager, list)
     assert list(lazy) == eager and len(eager) == 20
-    assert list(lazy[3:11:2]) == eager[3:11:2] and lazy[-1] == eager[-1]
+    assert lazy[3:11:2] == eager[3:11:2] and lazy[-1] == eager[-1]
     assert lazy_stats.demo_too_long == eager_stats.demo_too_long == 1
     assert lazy_stats.prompt_bucket_counts == eager_stats.prompt_bucket_counts
     a, b = PromptIterator(eager, 6, seed=3), PromptIterator(lazy, 6, seed=3)
@@ -262,9 +280,15 @@ def test_gsm8k_from_the_catalog_layout_trains(tmp_path, tokenizer):
     assert first.question == GSM8K_ROWS["train"][0][0] and first.ground_truth == "6"
     assert first.data_source == "gsm8k" and first.id == "train-0"
     assert tokenizer.decode(first.demo_ids) == "2 * 3 = 6 eggs.\n</think>\n\n\\boxed{6}<|im_end|>"
-    # the same rows through the directory itself
+    # the same rows through the directory itself, and through its flat conversion
     again, _ = load_training_examples(str(tmp_path / "gsm8k"), tokenizer, 2048, 512)
     assert list(again) == list(examples)
+    summaries = convert_to_tfds("tfds:gsm8k", str(tmp_path / "flat"), tfds_data_dir=str(tmp_path),
+                                progress=False)
+    assert {s.split: (s.written, s.skipped) for s in summaries} == {
+        "train": (2, {"no_final_answer": 1}), "test": (2, {})}
+    flat, _ = load_training_examples(str(tmp_path / "flat"), tokenizer, 2048, 512)
+    assert list(flat) == list(examples)
 
 
 def test_gsm8k_benchmark_from_tfds_through_the_harness(tmp_path, tokenizer):

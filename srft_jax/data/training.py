@@ -13,6 +13,15 @@ prompt (LUFFY's by default) is used. DEMO is tokenised as the assistant continua
 the prompt: a leading ``<think>`` is removed (the prompt already ends with it) and the
 end-of-turn token is appended.
 
+Two more row layouts go through the same validation (:func:`parse_training_row`): the
+flat layout a converted TFDS dataset holds (``question``, ``demonstration`` without the
+leading ``<think>``, ``ground_truth``, ``data_source``, ``id``) and GSM8K's (``question``,
+``answer`` = rationale + ``#### N``; :mod:`srft_jax.data.gsm8k`).
+
+A TFDS source is scanned once (every row validated and tokenised, for the counts and the
+length filters) and returned as :class:`LazyExamples`, which holds only the kept rows'
+positions and rebuilds an Example from its row when it is accessed.
+
 Dims: P = prompt tokens, R = demonstration tokens (including the end token).
 """
 
@@ -407,7 +416,8 @@ class LazyExamples(collections.abc.Sequence):
     Only the positions of the kept rows are held in memory (one int64 per example);
     ``examples[i]`` reads row ``positions[i]`` and validates, templates and tokenises it
     exactly as the eager loader does, so it equals the eager loader's ``i``-th Example.
-    Slices are views; ``examples[i]`` costs one random read and one tokenizer call.
+    ``examples[i]`` costs one random read and one tokenizer call; a slice is a list of the
+    Examples it selects, built once (a caller that slices a chunk reads each row once).
     """
 
     def __init__(self, rows: Sequence, positions: np.ndarray, encoder: _Encoder,
@@ -422,7 +432,7 @@ class LazyExamples(collections.abc.Sequence):
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return LazyExamples(self.rows, self.positions[i], self._encoder, self._require_demo)
+            return [self[j] for j in range(*i.indices(len(self)))]
         position = int(self.positions[i])
         try:
             row = parse_training_row(self.rows[position], self._encoder.user_template,
