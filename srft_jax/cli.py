@@ -1,4 +1,4 @@
-"""Command-line entry point: `srft-jax {train,eval,sample,convert,info,plot} ...`.
+"""Command-line entry point: `srft-jax {train,eval,sample,convert,data,info,plot} ...`.
 
 Each sub-command lives in `srft_jax/commands/<name>.py` with `add_arguments(parser)` and
 `run(args) -> int`; this file only parses and dispatches (imports are lazy so `--help` is fast).
@@ -16,6 +16,7 @@ COMMANDS = {
     "eval": "Evaluate a model on the paper's benchmarks.",
     "sample": "Sample completions from a model for a prompt.",
     "convert": "Convert an HF directory or GGUF file to an HF directory in a chosen dtype.",
+    "data": "Data tools: `data convert SRC DEST --format tfds` writes a TFDS dataset directory.",
     "info": "Print a model's architecture, parameter count and memory per dtype.",
     "plot": "Plot training curves of one or more runs.",
 }

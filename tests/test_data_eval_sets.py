@@ -24,6 +24,9 @@ HUB_ROWS = {
     "minerva": [{"question": "A mass of 2 kg moves at 3 m/s. Its momentum?", "answer": "6"}],
     "olympiad": [{"id": 1606, "question": "Find all x with x^2 = 1.",
                   "final_answer": ["$1$", "$-1$"], "is_multiple_answer": True}],
+    # the layout of the TFDS catalog and of openai/gsm8k: a rationale, then "#### N"
+    "gsm8k": [{"question": "Ann has 3 bags of 400 pens. How many pens?",
+               "answer": "3 * 400 = <<3*400=1200>>1200 pens.\n#### 1,200"}],
 }
 MC_ROWS = {
     "arc_c": [{"id": "Q1", "question": "Which is a liquid at room temperature?",
@@ -48,6 +51,7 @@ CORRECT_TEXT = {"arc_c": ["water", "8"], "gpqa_diamond": ["electron"], "mmlu_pro
     ("math500", [("test/algebra/1.json", "What is 1/2 + 1/4?", "\\frac{3}{4}")]),
     ("minerva", [("minerva-0", "A mass of 2 kg moves at 3 m/s. Its momentum?", "6")]),
     ("olympiad", [("1606", "Find all x with x^2 = 1.", "1, -1")]),
+    ("gsm8k", [("gsm8k-0", "Ann has 3 bags of 400 pens. How many pens?", "1200")]),
 ])
 def test_math_benchmarks_from_hub_layout(tmp_path, name, expected):
     items = load_benchmark(name, path=write(tmp_path / f"{name}.jsonl", HUB_ROWS[name]))

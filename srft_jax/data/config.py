@@ -10,6 +10,7 @@ import dataclasses
 from typing import Optional
 
 from srft_jax.data.prompts import PromptTemplate, SYNTHETIC_TEMPLATE
+from srft_jax.data.tfds_io import TFDS_SCHEME
 from srft_jax.shapes import default_buckets
 
 
@@ -47,6 +48,8 @@ class DataConfig:
         (`source: synthetic` only): operands 0..max_operand, 2..max_operands of them.
       synthetic_max_value: keep only synthetic problems whose running value stays in
         0..synthetic_max_value (9: every number is one digit token); None = no upper bound.
+      tfds_data_dir: where `source: tfds:NAME[/CONFIG][:VERSION]` datasets are prepared
+        (local or gs://); None = TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
     """
 
     source: str = ""
@@ -64,6 +67,7 @@ class DataConfig:
     synthetic_max_operand: int = 9
     synthetic_max_operands: int = 3
     synthetic_max_value: Optional[int] = None
+    tfds_data_dir: Optional[str] = None
 
     def __post_init__(self):
         if self.max_prompt_len < 1:
@@ -86,6 +90,11 @@ class DataConfig:
                              f"got {self.synthetic_max_value}")
         if not self.split:
             raise ValueError("split must be a non-empty string")
+        if self.tfds_data_dir is not None and not self.source.startswith(TFDS_SCHEME):
+            raise ValueError(f"tfds_data_dir is only read for a source '{TFDS_SCHEME}NAME', "
+                             f"got source={self.source!r}")
+        if self.tfds_data_dir is not None and not self.tfds_data_dir:
+            raise ValueError("tfds_data_dir must be None or a non-empty directory")
 
     @property
     def prompt_widths(self) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ counts in brackets):
 | gpqa_diamond | mc   | Idavidrein/gpqa (gpqa_diamond, train; gated)        | 198    |
 | mmlu_pro     | mc   | TIGER-Lab/MMLU-Pro (-, test)                        | 12032  |
 | openr1       | math | (local only) any file in the training layout        | -      |
+| gsm8k        | math | TFDS catalog tfds:gsm8k (test; prepared, see below) | 1319   |
 
 Local files (``path=``: .jsonl, .json or .parquet, or a directory of them) may use either
 the hub layout of that benchmark or the normalised schema:
@@ -23,11 +24,16 @@ the hub layout of that benchmark or the normalised schema:
            "answer": "B" (letter of the correct option) or the correct option's text}
 
 Accepted aliases: question <- question | problem | Question; math answer <- answer |
-final_answer (list joined by ", ") | reward_model.ground_truth; id <- id | unique_id |
-question_id | Record ID; options <- options | choices (list, or ARC's {"text", "label"})
-| GPQA's "Correct Answer" + "Incorrect Answer 1..3"; correct option <- answer | answerKey
-(letter or ARC label) | answer_index | "Correct Answer". Rows without an id get
+final_answer (list joined by ", ") | ground_truth | reward_model.ground_truth; id <- id |
+unique_id | question_id | Record ID; options <- options | choices (list, or ARC's {"text",
+"label"}) | GPQA's "Correct Answer" + "Incorrect Answer 1..3"; correct option <- answer |
+answerKey (letter or ARC label) | answer_index | "Correct Answer". Rows without an id get
 "{name}-{row}". Bad rows are skipped and counted; a source with no usable row raises.
+
+GSM8K answers are a worked rationale ending in ``#### N``: the answer is N
+(:mod:`srft_jax.data.gsm8k`). Without ``path`` it is read from the prepared TFDS catalog
+dataset (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``); ``path`` may also be a TFDS dataset
+directory (e.g. ``DIR/gsm8k``, holding ``1.0.0/``), from which the benchmark's split is read.
 
 Multiple-choice options are shuffled with a fixed seed, as in the paper: item ``id``'s
 order comes from ``random.Random(f"{seed}:{name}:{id}")``, so it does not depend on the
@@ -42,6 +48,7 @@ import logging
 import random
 from typing import Any, Optional
 
+from srft_jax.data import gsm8k, tfds_io
 from srft_jax.data.prompts import strip_user_template
 from srft_jax.data.sources import BadRecord, as_text, iter_records
 
@@ -74,6 +81,7 @@ class BenchmarkSpec:
     hf_id: Optional[str]
     hf_name: Optional[str]
     split: str
+    tfds_name: Optional[str] = None  # read from the TFDS catalog instead of the hub
 
 
 BENCHMARKS = {
@@ -88,6 +96,7 @@ BENCHMARKS = {
         BenchmarkSpec("gpqa_diamond", "mc", "Idavidrein/gpqa", "gpqa_diamond", "train"),
         BenchmarkSpec("mmlu_pro", "mc", "TIGER-Lab/MMLU-Pro", None, "test"),
         BenchmarkSpec("openr1", "math", None, None, "test"),
+        BenchmarkSpec("gsm8k", "math", None, None, "test", tfds_name="gsm8k"),
     )
 }
 MATH_BENCHMARKS = tuple(n for n, s in BENCHMARKS.items() if s.kind == "math" and s.hf_id)
@@ -142,7 +151,7 @@ def _question(row: dict) -> str:
 
 
 def _math_answer(row: dict) -> str:
-    value = _first(row, ("answer", "final_answer"))
+    value = _first(row, ("answer", "final_answer", "ground_truth"))
     if value is None and isinstance(row.get("reward_model"), dict):
         value = row["reward_model"].get("ground_truth")
     if value is None:
@@ -213,7 +222,10 @@ def normalise_row(row: Any, name: str, index: int, seed: int = 0) -> EvalItem:
     item_id = _item_id(row, name, index)
     question = _question(row)
     if spec.kind == "math":
-        return EvalItem(item_id, question, _math_answer(row), None, "math")
+        answer = _math_answer(row)
+        if name == "gsm8k":  # "rationale ... #### N" (a bare N is accepted as it is)
+            answer = (gsm8k.split_answer(answer) or (None, answer))[1]
+        return EvalItem(item_id, question, answer, None, "math")
     options, correct = _mc_options_and_correct(row)
     shuffled, letter = shuffle_options(options, correct, seed, name, item_id)
     return EvalItem(item_id, question, letter, shuffled, "mc")
@@ -225,12 +237,14 @@ def load_benchmark(name: str, path: Optional[str] = None, seed: int = 0,
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
     spec = BENCHMARKS[name]
+    if path is None and spec.tfds_name is not None:
+        path = tfds_io.TFDS_SCHEME + spec.tfds_name
     if path is None:
         if spec.hf_id is None:
             raise ValueError(f"benchmark {name!r} has no hub source: pass path=")
         records = iter_records(spec.hf_id, spec.split, spec.hf_name)
     else:
-        records = iter_records(path, None)
+        records = iter_records(path, spec.split if tfds_io.is_tfds_source(path) else None)
     items: list[EvalItem] = []
     skipped: collections.Counter = collections.Counter()
     rows = 0

@@ -6,11 +6,14 @@ tail of an epoch that cannot fill a batch is dropped, so every batch holds disti
 examples. The position (epoch, index within the epoch) is the whole state: saving
 ``state_dict()`` with a checkpoint and calling ``load_state_dict`` on a fresh iterator
 over the same examples gives the same next batch.
+
+A sequence of examples is used as it is, not copied, so a lazy one
+(:class:`srft_jax.data.training.LazyExamples`) builds only the examples of each batch.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -28,7 +31,7 @@ class PromptIterator:
             raise ValueError(
                 f"batch_size {batch_size} is larger than the number of examples {len(examples)}"
             )
-        self.examples = list(examples)
+        self.examples = examples if isinstance(examples, Sequence) else list(examples)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)

@@ -1,10 +1,12 @@
-"""Raw rows from local files or the Hugging Face hub, one dict at a time.
+"""Raw rows from local files, TFDS datasets or the Hugging Face hub, one dict at a time.
 
 A source is a local ``.jsonl`` / ``.json`` / ``.parquet`` file, a directory of such files,
-or (when no such path exists) a Hugging Face dataset id read with ``datasets``. Rows that
-cannot even be read as a JSON object (bad JSON, bytes that are not UTF-8, a non-object
-line) come back as :class:`BadRecord` with a reason, so callers can count and skip them;
-problems with the file itself (missing, unreadable parquet) raise.
+TFDS data (a TFDS dataset directory, local or ``gs://``, or ``tfds:NAME[/CONFIG][:VERSION]``;
+see :mod:`srft_jax.data.tfds_io`), or (when no such path exists) a Hugging Face dataset id
+read with ``datasets``. Rows that cannot even be read as a JSON object (bad JSON, bytes
+that are not UTF-8, a non-object line) come back as :class:`BadRecord` with a reason, so
+callers can count and skip them; problems with the file itself (missing, unreadable
+parquet) raise.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
+
+from srft_jax.data import tfds_io
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
@@ -53,6 +57,17 @@ def resolve_files(path: Path, split: Optional[str]) -> list[Path]:
         if named:
             raise FileNotFoundError(f"no {split!r} files under {path} (it has {named})")
     return files
+
+
+def local_split_names(path: Path) -> list[str]:
+    """Splits of a local directory: the split name (SPLIT_NAMES) each data file's name starts
+    with, the longest one when several match; ``[]`` when no file is named after a split."""
+    names = set()
+    for file in resolve_files(path, None):
+        matches = [s for s in SPLIT_NAMES if file.name.startswith(s)]
+        if matches:
+            names.add(max(matches, key=len))
+    return sorted(names)
 
 
 def _iter_jsonl_lines(path: Path) -> Iterator[Record]:
@@ -109,11 +124,16 @@ def _iter_file(path: Path) -> Iterator[Record]:
 
 
 def iter_records(
-    source: str, split: Optional[str] = "train", hf_name: Optional[str] = None
+    source: str, split: Optional[str] = "train", hf_name: Optional[str] = None,
+    tfds_data_dir: Optional[str] = None,
 ) -> Iterator[Record]:
-    """Rows of ``source`` in a fixed order (files sorted by path, rows in file order)."""
+    """Rows of ``source`` in a fixed order (files sorted by path, rows in file order, TFDS
+    rows in stored order). ``tfds_data_dir`` is where ``tfds:NAME`` datasets are prepared."""
     if not source:
         raise ValueError("source is empty: give a data file, a directory or a HF dataset id")
+    if tfds_io.is_tfds_source(source):
+        yield from tfds_io.open_split(source, split, tfds_data_dir)
+        return
     path = Path(os.path.expanduser(source))
     if path.exists():
         for file in resolve_files(path, split):

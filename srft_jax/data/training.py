@@ -13,16 +13,30 @@ prompt (LUFFY's by default) is used. DEMO is tokenised as the assistant continua
 the prompt: a leading ``<think>`` is removed (the prompt already ends with it) and the
 end-of-turn token is appended.
 
+Two more row layouts go through the same validation (:func:`parse_training_row`): the
+flat layout a converted TFDS dataset holds (``question``, ``demonstration`` without the
+leading ``<think>``, ``ground_truth``, ``data_source``, ``id``) and GSM8K's (``question``,
+``answer`` = rationale + ``#### N``; :mod:`srft_jax.data.gsm8k`).
+
+A TFDS source is scanned once (every row validated and tokenised, for the counts and the
+length filters) and returned as :class:`LazyExamples`, which holds only the kept rows'
+positions and rebuilds an Example from its row when it is accessed.
+
 Dims: P = prompt tokens, R = demonstration tokens (including the end token).
 """
 
 from __future__ import annotations
 
 import collections
+import collections.abc
 import dataclasses
+import itertools
 import logging
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
+import numpy as np
+
+from srft_jax.data import gsm8k, tfds_io
 from srft_jax.data.config import DataConfig
 from srft_jax.data.prompts import PAPER_TEMPLATE, PromptTemplate
 from srft_jax.data.sources import BadRecord, as_text, iter_records
@@ -89,26 +103,35 @@ class LoadStats:
 # --------------------------------------------------------------------------------------
 
 
-class _BadRow(Exception):
+class RowError(Exception):
+    """A row that cannot be used; ``reason`` is a short stable key for counting."""
+
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
-class _Row:
+class TrainingRow:
+    """The validated text fields of one row (before templating and tokenising).
+
+    demo: the demonstration after the prompt's ``<think>``; None when the row has none.
+    id: the row's own id (flat layout only); None = "{split}-{row index}".
+    """
+
     question: str
     demo: Optional[str]
     ground_truth: str
     data_source: str
+    id: Optional[str] = None
 
 
 def _text(value: Any, field: str) -> str:
     text, problem = as_text(value)
     if problem == "undecodable_text":
-        raise _BadRow("undecodable_text")
+        raise RowError("undecodable_text")
     if problem is not None:
-        raise _BadRow(f"bad_{field}_type")
+        raise RowError(f"bad_{field}_type")
     return text
 
 
@@ -116,71 +139,122 @@ def _chat_list(value: Any, field: str) -> list:
     if isinstance(value, dict):  # a single message
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(m, dict) for m in value):
-        raise _BadRow(f"bad_{field}_type")
+        raise RowError(f"bad_{field}_type")
     return list(value)
+
+
+def _clean_question(text: str, template: PromptTemplate) -> str:
+    question = template.question_of(text)
+    if not question:
+        raise RowError("empty_question")
+    return question
+
+
+def _clean_demo(text: str) -> str:
+    demo = text.strip()
+    if demo.startswith(THINK_OPEN):
+        demo = demo[len(THINK_OPEN):].lstrip()
+    if not demo:
+        raise RowError("empty_demo")
+    return demo
+
+
+def _clean_answer(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    answer = _text(value, "ground_truth").strip()
+    if not answer:
+        raise RowError("empty_answer")
+    return answer
 
 
 def _user_question(prompt: Any, template: PromptTemplate) -> str:
     messages = _chat_list(prompt, "prompt")
     users = [m for m in messages if m.get("role") == "user"]
     if not users:
-        raise _BadRow("no_user_turn")
-    question = template.question_of(_text(users[-1].get("content"), "prompt"))
-    if not question:
-        raise _BadRow("empty_question")
-    return question
+        raise RowError("no_user_turn")
+    return _clean_question(_text(users[-1].get("content"), "prompt"), template)
 
 
 def _demonstration(target: Any) -> str:
     messages = _chat_list(target, "target")
     replies = [m for m in messages if m.get("role", "assistant") == "assistant"]
     if not replies:
-        raise _BadRow("empty_demo")
-    demo = _text(replies[0].get("content"), "target").strip()
-    if demo.startswith(THINK_OPEN):
-        demo = demo[len(THINK_OPEN):].lstrip()
-    if not demo:
-        raise _BadRow("empty_demo")
-    return demo
+        raise RowError("empty_demo")
+    return _clean_demo(_text(replies[0].get("content"), "target"))
 
 
 def _ground_truth(reward_model: Any) -> str:
     if not isinstance(reward_model, dict):
-        raise _BadRow("bad_reward_model_type")
+        raise RowError("bad_reward_model_type")
     if "ground_truth" not in reward_model or reward_model["ground_truth"] is None:
-        raise _BadRow("missing_ground_truth")
-    value = reward_model["ground_truth"]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
-    answer = _text(value, "ground_truth").strip()
-    if not answer:
-        raise _BadRow("empty_answer")
-    return answer
+        raise RowError("missing_ground_truth")
+    return _clean_answer(reward_model["ground_truth"])
 
 
-def parse_training_row(
-    row: Any, template: PromptTemplate = PAPER_TEMPLATE, require_demo: bool = True
-) -> _Row:
-    """Validated fields of one row; raises ``_BadRow(reason)``."""
-    if isinstance(row, BadRecord):
-        raise _BadRow(row.reason)
-    if not isinstance(row, dict):
-        raise _BadRow("not_an_object")
+def _data_source(value: Any, default: str = "unknown") -> str:
+    return default if value is None or value == "" else _text(value, "data_source")
+
+
+def _chat_row(row: dict, template: PromptTemplate, require_demo: bool) -> TrainingRow:
+    """The OpenR1 layout: prompt / target chat lists, reward_model.ground_truth."""
     if row.get("prompt") is None:
-        raise _BadRow("missing_prompt")
+        raise RowError("missing_prompt")
     question = _user_question(row["prompt"], template)
     if row.get("reward_model") is None:
-        raise _BadRow("missing_ground_truth")
+        raise RowError("missing_ground_truth")
     ground_truth = _ground_truth(row["reward_model"])
     demo = None
     if row.get("target") is None:
         if require_demo:
-            raise _BadRow("missing_target")
+            raise RowError("missing_target")
     else:
         demo = _demonstration(row["target"])
-    source = row.get("data_source")
-    data_source = "unknown" if source is None else _text(source, "data_source")
-    return _Row(question, demo, ground_truth, data_source)
+    return TrainingRow(question, demo, ground_truth, _data_source(row.get("data_source")))
+
+
+def _flat_row(row: dict, template: PromptTemplate, require_demo: bool) -> TrainingRow:
+    """The flat layout (a converted TFDS dataset): question, demonstration, ground_truth,
+    data_source, id; or GSM8K's question + answer ("rationale ... #### N")."""
+    question = _clean_question(_text(row["question"], "question"), template)
+    data_source = "unknown"
+    if row.get("ground_truth") is None and row.get("answer") is not None:
+        parsed = gsm8k.split_answer(_text(row["answer"], "answer"))
+        if parsed is None:
+            raise RowError("no_final_answer")
+        demo_text, answer, data_source = gsm8k.demonstration(*parsed), parsed[1], "gsm8k"
+    else:
+        demo_text, answer = row.get("demonstration"), row.get("ground_truth")
+    if answer is None:
+        raise RowError("missing_ground_truth")
+    ground_truth = _clean_answer(answer)
+    demo = None
+    if demo_text is None or demo_text == "":  # a TFDS text feature cannot be None
+        if require_demo:
+            raise RowError("missing_demonstration")
+    else:
+        demo = _clean_demo(_text(demo_text, "demonstration"))
+    row_id = row.get("id")
+    row_id = None if row_id is None or row_id == "" else _text(row_id, "id")
+    return TrainingRow(question, demo, ground_truth,
+                       _data_source(row.get("data_source"), data_source), row_id)
+
+
+def parse_training_row(
+    row: Any, template: PromptTemplate = PAPER_TEMPLATE, require_demo: bool = True
+) -> TrainingRow:
+    """Validated fields of one row in any accepted layout; raises ``RowError(reason)``.
+
+    A row with a ``question`` and no ``prompt`` is in the flat layout (see `_flat_row`),
+    anything else in the OpenR1 chat layout.
+    """
+    if isinstance(row, BadRecord):
+        raise RowError(row.reason)
+    if not isinstance(row, dict):
+        raise RowError("not_an_object")
+    if row.get("prompt") is None and "question" in row:
+        return _flat_row(row, template, require_demo)
+    return _chat_row(row, template, require_demo)
 
 
 # --------------------------------------------------------------------------------------
@@ -199,6 +273,144 @@ def _end_token_id(tokenizer: Any, end_token: Optional[str]) -> tuple[int, str]:
     return int(token_id), token
 
 
+@dataclasses.dataclass(frozen=True)
+class _Encoder:
+    """Templates and tokenises validated rows: the same for every source, eager or lazy."""
+
+    tokenizer: Any
+    split: str
+    template: PromptTemplate
+    end_id: int
+    end_text: str
+    max_prompt_len: int
+    max_response_len: int
+
+    def encode(self, chunk: list[tuple[int, TrainingRow]]) -> list[Union[Example, str]]:
+        """Per (row index, row): its Example, or why it is dropped ("empty_demo" once the
+        end token is stripped, "prompt_too_long", "demo_too_long")."""
+        demos = {i: _strip_end(r.demo, self.end_text) for i, r in chunk if r.demo is not None}
+        out: dict[int, Union[Example, str]] = {i: "empty_demo" for i, d in demos.items() if not d}
+        todo = [(i, r) for i, r in chunk if i not in out]
+        if not todo:
+            return [out[i] for i, _ in chunk]
+        prompts = [self.template.text(self.tokenizer, r.question) for _, r in todo]
+        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        demo_keys = [i for i, r in todo if r.demo is not None]
+        demo_ids = {}
+        if demo_keys:
+            encoded = self.tokenizer([demos[i] for i in demo_keys], add_special_tokens=False)
+            demo_ids = dict(zip(demo_keys, encoded["input_ids"]))
+        for (index, row), p_ids in zip(todo, prompt_ids):
+            d_ids = (list(demo_ids[index]) + [self.end_id]) if row.demo is not None else []
+            if len(p_ids) > self.max_prompt_len:
+                out[index] = "prompt_too_long"
+            elif len(d_ids) > self.max_response_len:
+                out[index] = "demo_too_long"
+            else:
+                out[index] = Example(
+                    id=row.id or f"{self.split}-{index}",
+                    question=row.question,
+                    prompt_ids=tuple(int(t) for t in p_ids),
+                    demo_ids=tuple(int(t) for t in d_ids),
+                    ground_truth=row.ground_truth,
+                    data_source=row.data_source,
+                )
+        return [out[i] for i, _ in chunk]
+
+
+class _Tally:
+    """Counts what happens to the rows of one load (for :class:`LoadStats`)."""
+
+    def __init__(self, prompt_buckets: tuple[int, ...], response_buckets: tuple[int, ...]):
+        self.prompt_buckets, self.response_buckets = prompt_buckets, response_buckets
+        self.rows_read = 0
+        self.skipped: collections.Counter = collections.Counter()
+        self.too_long: collections.Counter = collections.Counter()
+        self.prompt_hist: collections.Counter = collections.Counter()
+        self.response_hist: collections.Counter = collections.Counter()
+
+    def keep(self, result: Union[Example, str]) -> bool:
+        if isinstance(result, Example):
+            self.prompt_hist[bucket_length(len(result.prompt_ids), self.prompt_buckets)] += 1
+            if result.demo_ids:
+                self.response_hist[bucket_length(len(result.demo_ids), self.response_buckets)] += 1
+            return True
+        (self.skipped if result == "empty_demo" else self.too_long)[result] += 1
+        return False
+
+    def stats(self, source: str, kept: int) -> LoadStats:
+        return LoadStats(
+            source=str(source),
+            rows_read=self.rows_read,
+            kept=kept,
+            skipped=dict(self.skipped),
+            prompt_too_long=self.too_long["prompt_too_long"],
+            demo_too_long=self.too_long["demo_too_long"],
+            prompt_bucket_counts=dict(self.prompt_hist),
+            response_bucket_counts=dict(self.response_hist),
+        )
+
+
+def _scan(records: Iterable[tuple[int, Any]], encoder: _Encoder, tally: _Tally,
+          require_demo: bool) -> Iterator[tuple[int, Example]]:
+    """(row index, Example) of every kept row, tokenising ``_CHUNK_ROWS`` rows at a time."""
+    chunk: list[tuple[int, TrainingRow]] = []
+
+    def flush():
+        for (index, _), result in zip(chunk, encoder.encode(chunk)):
+            if tally.keep(result):
+                yield index, result
+
+    for index, record in records:
+        tally.rows_read += 1
+        try:
+            chunk.append((index, parse_training_row(record, encoder.template, require_demo)))
+        except RowError as bad:
+            tally.skipped[bad.reason] += 1
+            continue
+        if len(chunk) >= _CHUNK_ROWS:
+            yield from flush()
+            chunk = []
+    if chunk:
+        yield from flush()
+
+
+class LazyExamples(collections.abc.Sequence):
+    """Examples of a random-access row source (a TFDS split), built when accessed.
+
+    Only the positions of the kept rows are held in memory (one int64 per example);
+    ``examples[i]`` reads row ``positions[i]`` and validates, templates and tokenises it
+    exactly as the eager loader does, so it equals the eager loader's ``i``-th Example.
+    ``examples[i]`` costs one random read and one tokenizer call; a slice is a list of the
+    Examples it selects, built once (a caller that slices a chunk reads each row once).
+    """
+
+    def __init__(self, rows: Sequence, positions: np.ndarray, encoder: _Encoder,
+                 require_demo: bool):
+        self.rows = rows
+        self.positions = np.asarray(positions, np.int64)
+        self._encoder = encoder
+        self._require_demo = require_demo
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        position = int(self.positions[i])
+        try:
+            row = parse_training_row(self.rows[position], self._encoder.template,
+                                     self._require_demo)
+            (example,) = self._encoder.encode([(position, row)])
+        except RowError as bad:
+            example = bad.reason
+        if not isinstance(example, Example):
+            raise RuntimeError(f"row {position} of {self.rows} changed since it was scanned "
+                               f"({example})")
+        return example
+
+
 def load_training_examples(
     source: str,
     tokenizer: Any,
@@ -213,88 +425,35 @@ def load_training_examples(
     max_rows: Optional[int] = None,
     require_demo: bool = True,
     hf_name: Optional[str] = None,
-) -> tuple[list[Example], LoadStats]:
+    tfds_data_dir: Optional[str] = None,
+) -> tuple[Sequence[Example], LoadStats]:
     """Read, validate, template and tokenise training rows.
 
     Bad rows are skipped and counted by reason; prompts longer than ``max_prompt_len``
     and demonstrations (with their end token) longer than ``max_response_len`` are dropped
     and counted. Raises ValueError when no row is usable (every row bad or too long).
+
+    A TFDS source (see :mod:`srft_jax.data.tfds_io`) gives :class:`LazyExamples`:
+    the rows are scanned once for the counts above, then read again when accessed. Other
+    sources give a list.
     """
     end_id, end_text = _end_token_id(tokenizer, end_token)
-    prompt_buckets = tuple(prompt_buckets) or default_buckets(max_prompt_len)
-    response_buckets = tuple(response_buckets) or default_buckets(max_response_len)
-    skipped: collections.Counter = collections.Counter()
-    prompt_hist: collections.Counter = collections.Counter()
-    response_hist: collections.Counter = collections.Counter()
-    too_long = {"prompt": 0, "demo": 0}
-    examples: list[Example] = []
-    rows_read = 0
-
-    def flush(chunk: list[tuple[int, _Row]]) -> None:
-        demos = {}
-        for index, row in chunk:
-            if row.demo is not None:
-                demos[index] = _strip_end(row.demo, end_text)
-                if not demos[index]:
-                    skipped["empty_demo"] += 1
-        chunk = [(i, r) for i, r in chunk if r.demo is None or demos[i]]
-        if not chunk:
-            return
-        prompts = [template.text(tokenizer, r.question) for _, r in chunk]
-        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        demo_keys = [i for i, r in chunk if r.demo is not None]
-        demo_ids = {}
-        if demo_keys:
-            encoded = tokenizer([demos[i] for i in demo_keys], add_special_tokens=False)
-            demo_ids = dict(zip(demo_keys, encoded["input_ids"]))
-        for (index, row), p_ids in zip(chunk, prompt_ids):
-            d_ids = (list(demo_ids[index]) + [end_id]) if row.demo is not None else []
-            if len(p_ids) > max_prompt_len:
-                too_long["prompt"] += 1
-                continue
-            if len(d_ids) > max_response_len:
-                too_long["demo"] += 1
-                continue
-            prompt_hist[bucket_length(len(p_ids), prompt_buckets)] += 1
-            if d_ids:
-                response_hist[bucket_length(len(d_ids), response_buckets)] += 1
-            examples.append(Example(
-                id=f"{split}-{index}",
-                question=row.question,
-                prompt_ids=tuple(int(t) for t in p_ids),
-                demo_ids=tuple(int(t) for t in d_ids),
-                ground_truth=row.ground_truth,
-                data_source=row.data_source,
-            ))
-
-    chunk: list[tuple[int, _Row]] = []
-    for index, record in enumerate(iter_records(source, split, hf_name)):
-        if max_rows is not None and index >= max_rows:
-            break
-        rows_read += 1
-        try:
-            chunk.append((index, parse_training_row(record, template, require_demo)))
-        except _BadRow as bad:
-            skipped[bad.reason] += 1
-            continue
-        if len(chunk) >= _CHUNK_ROWS:
-            flush(chunk)
-            chunk = []
-    if chunk:
-        flush(chunk)
-
-    stats = LoadStats(
-        source=str(source),
-        rows_read=rows_read,
-        kept=len(examples),
-        skipped=dict(skipped),
-        prompt_too_long=too_long["prompt"],
-        demo_too_long=too_long["demo"],
-        prompt_bucket_counts=dict(prompt_hist),
-        response_bucket_counts=dict(response_hist),
-    )
+    encoder = _Encoder(tokenizer, split, template, end_id,
+                       end_text, max_prompt_len, max_response_len)
+    tally = _Tally(tuple(prompt_buckets) or default_buckets(max_prompt_len),
+                   tuple(response_buckets) or default_buckets(max_response_len))
+    examples: Sequence[Example]
+    if tfds_io.is_tfds_source(source):
+        rows = tfds_io.open_split(source, split, tfds_data_dir)
+        count = len(rows) if max_rows is None else min(len(rows), max_rows)
+        kept = [i for i, _ in _scan(enumerate(rows.iter_range(count)), encoder, tally, require_demo)]
+        examples = LazyExamples(rows, np.asarray(kept, np.int64), encoder, require_demo)
+    else:
+        records = itertools.islice(enumerate(iter_records(source, split, hf_name)), max_rows)
+        examples = [e for _, e in _scan(records, encoder, tally, require_demo)]
+    stats = tally.stats(source, len(examples))
     if not examples:
-        if rows_read == 0:
+        if stats.rows_read == 0:
             raise ValueError(f"no rows in training source {source!r}")
         raise ValueError(f"no usable training rows in {source!r}: {stats.summary()}")
     log = logger.warning if stats.num_skipped else logger.info
@@ -312,7 +471,7 @@ def _strip_end(demo: str, end_text: str) -> str:
 
 def load_training_examples_from_config(
     config: DataConfig, tokenizer: Any
-) -> tuple[list[Example], LoadStats]:
+) -> tuple[Sequence[Example], LoadStats]:
     """:func:`load_training_examples` with every option taken from ``config``."""
     return load_training_examples(
         config.source,
@@ -326,5 +485,6 @@ def load_training_examples_from_config(
         response_buckets=config.response_buckets,
         max_rows=config.max_rows,
         require_demo=config.require_demo,
+        tfds_data_dir=config.tfds_data_dir,
     )
 
