@@ -1,4 +1,7 @@
-"""The failures a training run turns into a one-line exit instead of a traceback or a hang.
+"""The failures a run turns into a one-line exit instead of a traceback or a hang.
+
+`RunError` is the base: a problem the user can act on, whose `str()` is one line naming the file
+or key; `srft-jax` prints it as `error: ...` and exits 1, without a traceback.
 
 `RunWriteError`: writing a run's output failed (a checkpoint, metrics.jsonl, TensorBoard
 events): disk full, quota, permissions, a vanished mount. It names the path and the OS error;
@@ -21,7 +24,11 @@ _TS_ERRNO = re.compile(r"os_error_code=\W*(\d+)")
 _TS_PATH = re.compile(r'(?:Failed writing|Error writing local file|local file|Failed to open|Error opening)\W*"([^"]+)"')
 
 
-class RunWriteError(Exception):
+class RunError(Exception):
+    """A problem the user can act on; `str()` is one line naming the file or key."""
+
+
+class RunWriteError(RunError):
     """Writing `path` failed with an OS error (`errno`, `strerror`); `what` says what was written.
 
     `str()` is one line, e.g.
@@ -40,8 +47,16 @@ class RunWriteError(Exception):
         return cls(what, where or path, code, text, note)
 
 
-class CheckpointRestoreError(Exception):
+class CheckpointRestoreError(RunError):
     """No checkpoint of a run restores; the message (one line) says where the bad ones went."""
+
+
+class DataError(RunError, ValueError):
+    """Training data that cannot be used; the message names the file or the config key."""
+
+
+class MissingDataError(RunError, FileNotFoundError):
+    """A data file or directory that does not exist; the message names it."""
 
 
 def os_error_of(exc: BaseException) -> tuple[Optional[int], str, Optional[str]]:

@@ -32,6 +32,7 @@ from srft_jax.data.prompts import (
     strip_user_template,
 )
 from srft_jax.data.sources import BadRecord, as_text, iter_records
+from srft_jax.faults import DataError, MissingDataError
 
 logger = logging.getLogger(__name__)
 
@@ -303,18 +304,21 @@ def load_training_examples(
             ))
 
     chunk: list[tuple[int, _Row]] = []
-    for index, record in enumerate(iter_records(source, split, hf_name)):
-        if max_rows is not None and index >= max_rows:
-            break
-        rows_read += 1
-        try:
-            chunk.append((index, parse_training_row(record, user_template, require_demo)))
-        except _BadRow as bad:
-            skipped[bad.reason] += 1
-            continue
-        if len(chunk) >= _CHUNK_ROWS:
-            flush(chunk)
-            chunk = []
+    try:
+        for index, record in enumerate(iter_records(source, split, hf_name)):
+            if max_rows is not None and index >= max_rows:
+                break
+            rows_read += 1
+            try:
+                chunk.append((index, parse_training_row(record, user_template, require_demo)))
+            except _BadRow as bad:
+                skipped[bad.reason] += 1
+                continue
+            if len(chunk) >= _CHUNK_ROWS:
+                flush(chunk)
+                chunk = []
+    except FileNotFoundError as e:
+        raise MissingDataError(f"training data: {e}") from None
     if chunk:
         flush(chunk)
 
@@ -330,8 +334,8 @@ def load_training_examples(
     )
     if not examples:
         if rows_read == 0:
-            raise ValueError(f"no rows in training source {source!r}")
-        raise ValueError(f"no usable training rows in {source!r}: {stats.summary()}")
+            raise DataError(f"no rows in training source {source!r}")
+        raise DataError(f"no usable training rows in {source!r}: {stats.summary()}")
     log = logger.warning if stats.num_skipped else logger.info
     log("training data %s", stats.summary())
     return examples, stats
