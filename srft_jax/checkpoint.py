@@ -168,16 +168,20 @@ class Checkpointer:
         failures = []
         for step in reversed(steps):
             result, error = None, None
-            try:
-                result = self._restore_checked(step, params_like, opt_state_like, meta_keys)
+            try:  # reads only this process's shards: no collective, so it may fail here alone
+                result = self._read(step, params_like, opt_state_like, meta_keys)
             except CheckpointRestoreError:
                 raise
             except Exception as e:  # orbax / tensorstore / our own checks: all damage
                 error = _one_line(e)
             if _everywhere(error is None):
-                if failures and move_aside:
-                    self._manager.reload()  # forget the steps moved aside
-                return result
+                try:  # a collective computation, the same outcome on every process
+                    self._verify(result)
+                    if failures and move_aside:
+                        self._manager.reload()  # forget the steps moved aside
+                    return result
+                except _Damaged as e:
+                    error = str(e)
             error = error or "it failed to restore on another process"
             where = self._move_aside(step) if move_aside else os.path.join(self.directory, str(step))
             log.warning("checkpoint step %d does not restore (%s); %s %s", step, error,
@@ -193,18 +197,22 @@ class Checkpointer:
 
     def restore(self, step: int, params_like: Any, opt_state_like: Any) -> tuple[Any, Any, dict]:
         """One given step (no fall-back); raises on any damage."""
-        r = self._restore_checked(step, params_like, opt_state_like, ())
+        r = self._read(step, params_like, opt_state_like, ())
+        self._verify(r)
         return r.params, r.opt_state, r.meta
 
     def restore_params(self, step: int, params_like: Any) -> Any:
         """Parameters only (initialising a new run from an earlier run's checkpoint)."""
-        return self._restore_checked(step, params_like, None, ()).params
+        r = self._read(step, params_like, None, ())
+        self._verify(r)
+        return r.params
 
-    def _restore_checked(self, step: int, params_like: Any, opt_state_like: Any,
-                         meta_keys: Sequence[str]) -> Restored:
+    def _read(self, step: int, params_like: Any, opt_state_like: Any,
+              meta_keys: Sequence[str]) -> Restored:
+        """The JSON record and this process's shards (orbax's handlers: no barrier, no collective).
+        The record keeps the saved fingerprints for `_verify`."""
         step_dir = epath.Path(self.directory) / str(step)
         meta = read_meta(os.path.join(self.directory, str(step), META_FILE), meta_keys)
-        recorded = meta.pop(FINGERPRINTS, None) or {}
         items = {"params": params_like}
         if opt_state_like is not None:
             items["opt_state"] = opt_state_like
@@ -218,19 +226,20 @@ class Checkpointer:
                 out[name] = handler.restore(step_dir / name, args=ocp.args.StandardRestore(abstract))
             finally:
                 handler.close()
-            self._verify(out[name], recorded.get(name, {}), name)
         return Restored(step, out["params"], out.get("opt_state"), meta)
 
-    def _verify(self, tree: Any, recorded: dict, name: str) -> None:
-        """Recomputes the fingerprints of arrays restored in their saved dtype."""
-        if not recorded:
-            return  # saved before fingerprints existed
-        now = self._fingerprint(tree)
-        for path, (dtype, value) in now.items():
-            saved = recorded.get(path)
-            if saved is not None and saved[0] == dtype and int(saved[1]) != value:
-                raise _Damaged(f"{name} array {path!r} does not match the fingerprint recorded when "
-                               f"it was saved (its data file is damaged)")
+    def _verify(self, restored: Restored) -> None:
+        """Recomputes the fingerprints of arrays restored in their saved dtype (a collective
+        computation on several processes) and drops them from the record."""
+        recorded = restored.meta.pop(FINGERPRINTS, None) or {}  # none: saved before fingerprints
+        for name, tree in (("params", restored.params), ("opt_state", restored.opt_state)):
+            if tree is None or not recorded.get(name):
+                continue
+            for path, (dtype, value) in self._fingerprint(tree).items():
+                saved = recorded[name].get(path)
+                if saved is not None and saved[0] == dtype and int(saved[1]) != value:
+                    raise _Damaged(f"{name} array {path!r} does not match the fingerprint recorded "
+                                   f"when it was saved (its data file is damaged)")
 
     def _move_aside(self, step: int) -> str:
         """Renames STEP to checkpoints.bad/STEP-TIME (process 0, between barriers)."""

@@ -8,15 +8,24 @@ RUN_DIR/checkpoints.bad (never deleted) with a one-line warning; a checkpoint of
 is a config error and stays in place. Save failures: a full disk (a tiny tmpfs; skipped where
 mounting is not permitted) and an injected OSError end in `RunWriteError` naming the path and
 the OS error, within seconds, leaving the previous checkpoint intact and no thread behind.
+
+Two processes (`jax.distributed`, gloo, 4 CPU devices each) restore with damage that only one
+of them reads (the data files process 1 wrote): both must fall back to the same checkpoint.
+The processes are this file run as a script:
+    python tests/test_faults_checkpoint.py --run-dir DIR --port PORT --process-id ID
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
+import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -275,3 +284,98 @@ def test_injected_save_error_names_path_and_os_error(tmp_path, state, monkeypatc
     monkeypatch.undo()
     ckpt.close()
     assert _restore(tmp_path, params, opt).step == 1
+
+
+# ---- two processes -------------------------------------------------------------------------------
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_state(mesh):
+    with jax.set_mesh(mesh):
+        params = nnx.to_pure_dict(nnx.state(create_sharded_model(CFG, mesh, seed=0)))
+        tx = make_optimizer(OptimizerConfig(lr=1e-3))
+        opt = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, param_shardings(params, mesh), mesh))(params)
+        params2 = jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p))(params)
+    return params, opt, params2
+
+
+def _gathered_sum(tree):
+    """One number per tree, the same on every process (a check that the values are the saved ones)."""
+    return float(jax.jit(lambda t: sum(jax.numpy.sum(x.astype(jax.numpy.float32)) for x in jax.tree.leaves(t)))(tree))
+
+
+def process_main(run_dir: str, port: int, process_id: int) -> None:
+    """Saves checkpoints 1 and 2; process 0 truncates the data files process 1 wrote for
+    checkpoint 2 (only process 1 reads them back); both restore."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    from srft_jax import distributed
+
+    mesh = make_mesh(MeshConfig(fsdp=-1))
+    params, opt, params2 = _tiny_state(mesh)
+    _save(run_dir, [1, 2], params, opt, {2: params2})
+    distributed.barrier("saved")
+    if process_id == 0:
+        written_by_1 = glob.glob(os.path.join(run_dir, "checkpoints", "2", "params", "ocdbt.process_1", "d", "*"))
+        assert written_by_1
+        for path in written_by_1:
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+    distributed.barrier("damaged")
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("srft_jax.checkpoint").addHandler(handler)
+    r = _restore(run_dir, params, opt)
+    with open(os.path.join(run_dir, f"result{process_id}.json"), "w") as f:
+        json.dump({"step": r.step, "sum": _gathered_sum(r.params), "expected": _gathered_sum(params),
+                   "warnings": records}, f)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_agree_when_only_one_reads_the_damage(tmp_path):
+    run_dir = tmp_path / "run"
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
+                         "--xla_llvm_disable_expensive_passes=true")
+    procs, logs = [], [tmp_path / f"process{pid}.log" for pid in range(2)]
+    try:
+        for pid in range(2):
+            with open(logs[pid], "w") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), "--run-dir", str(run_dir), "--port", str(port),
+                     "--process-id", str(pid)], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+        for p, log in zip(procs, logs):
+            try:
+                p.wait(timeout=PATIENCE_S * 3)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"the processes did not finish; see {log}") from None
+            assert p.returncode == 0, f"{log} (exit {p.returncode}):\n{log.read_text()[-4000:]}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    results = [json.loads((run_dir / f"result{pid}.json").read_text()) for pid in range(2)]
+    assert [r["step"] for r in results] == [1, 1]
+    assert all(r["sum"] == r["expected"] for r in results)  # step 1's values, not step 2's
+    assert len(glob.glob(str(run_dir / BAD_DIR / "2-*"))) == 1 and not (run_dir / "checkpoints" / "2").exists()
+    # Process 1 read the damage; process 0 read its own intact shards and followed.
+    assert "(it failed to restore on another process)" in results[0]["warnings"][0]
+    assert "checkpoint step 2 does not restore (Exception: " in results[1]["warnings"][0]
+    assert [len(r["warnings"]) for r in results] == [1, 1]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--process-id", type=int, required=True)
+    a = parser.parse_args()
+    process_main(a.run_dir, a.port, a.process_id)
