@@ -200,7 +200,8 @@ def _writing(what: str, path: str):
 
 
 class Progress:
-    """A tqdm bar over training steps showing step, reward, accuracy and ETA."""
+    """A tqdm bar over training steps showing step, reward, accuracy and ETA (and reward
+    timeouts, in steps that had any)."""
 
     def __init__(self, total: int, initial: int = 0, enabled: bool = True):
         from tqdm.auto import tqdm
@@ -213,6 +214,8 @@ class Progress:
         for k in keys:
             if k in metrics:
                 shown[k.split("/")[-1] if k != "eval/accuracy" else "acc"] = f"{float(metrics[k]):.3f}"
+        if metrics.get("reward/timeouts"):
+            shown["timeouts"] = str(int(metrics["reward/timeouts"]))
         self._bar.set_postfix(shown, refresh=False)
         self._bar.update(1)
 

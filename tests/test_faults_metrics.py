@@ -165,3 +165,14 @@ def test_full_disk_ends_in_one_error_not_a_hang(tiny_disk, tensorboard):
     assert _threads() <= before
     steps = _steps(tiny_disk / "run")
     assert steps == list(range(1, len(steps) + 1))  # every complete line is a step, in order
+
+
+def test_progress_bar_shows_reward_timeouts_when_there_are_any():
+    from srft_jax.metrics import Progress
+
+    bar = Progress(10, enabled=True)
+    bar.update({"reward/rollout": 0.5, "reward/timeouts": 0.0})
+    assert "timeouts" not in bar._bar.postfix
+    bar.update({"reward/rollout": 0.5, "reward/timeouts": 3.0})
+    assert "timeouts=3" in bar._bar.postfix
+    bar.close()
