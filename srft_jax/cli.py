@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
+_HOOKED = False  # _quiet_closed_loops installed
 
 
 class _OneLine(logging.Filter):
@@ -53,8 +54,27 @@ class _OneLine(logging.Filter):
         return True
 
 
+def _quiet_closed_loops(default_hook):
+    """`sys.unraisablehook` that drops "Event loop is closed" (tensorstore callbacks that land
+    after orbax closed its event loop, one traceback per pending read, once a read failed;
+    the failure itself is reported) and hands everything else to `default_hook`."""
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        default_hook(unraisable)
+
+    return hook
+
+
 def main(argv=None) -> int:
     from srft_jax.faults import RunError
+
+    global _HOOKED
+    if not _HOOKED:
+        sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
+        _HOOKED = True
 
     try:
         args = build_parser().parse_args(argv)

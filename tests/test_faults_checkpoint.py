@@ -76,9 +76,11 @@ def _same(a, b):
 
 
 def _data_files(step_dir):
-    """The parameter data files of a checkpoint (every one is damaged: a file may also hold an
-    older copy of some values, so damaging only one can leave the values intact)."""
-    files = glob.glob(os.path.join(step_dir, "params", "ocdbt.process_*", "d", "*"))
+    """Every parameter data file of a checkpoint: those each process wrote and those of the
+    merged database (orbax may copy small values into the latter, and a file can also hold
+    values a restore never reads, so damaging a single file may leave the values intact)."""
+    files = (glob.glob(os.path.join(step_dir, "params", "ocdbt.process_*", "d", "*"))
+             + glob.glob(os.path.join(step_dir, "params", "d", "*")))
     assert files
     return files
 
