@@ -80,7 +80,6 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("params", "opt_state", "meta"))
         self._pending: Optional[int] = None  # step of a save not yet known to have succeeded
-        self._fingerprint_fn = jax.jit(_fingerprints)
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()
@@ -144,7 +143,7 @@ class Checkpointer:
     def _fingerprint(self, tree: Any) -> dict[str, list]:
         """path -> [dtype, fingerprint] of every array leaf (one jitted reduction, one copy)."""
         leaves = _array_leaves(tree)
-        out = self._fingerprint_fn([x for _, x in leaves])
+        out = _fingerprints_jit([x for _, x in leaves])
         if not (out.is_fully_addressable or out.is_fully_replicated):
             raise AssertionError("fingerprints must come back replicated")
         values = np.asarray(jax.device_get(out))
@@ -351,6 +350,9 @@ def _fingerprints(leaves: list) -> jax.Array:
             stride *= x.shape[axis]
         out.append(jnp.sum(_bits_u32(x) * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32))
     return jnp.stack(out) if out else jnp.zeros((0,), jnp.uint32)
+
+
+_fingerprints_jit = jax.jit(_fingerprints)
 
 
 def _one_line(error: BaseException) -> str:
