@@ -15,13 +15,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from srft_jax.data.config import DataConfig
+from srft_jax.faults import RunError
 from srft_jax.losses import SRFTLossConfig
 from srft_jax.mesh import MeshConfig
-from srft_jax.models.config import DTYPES, PRESETS, REMAT
+from srft_jax.models.config import DTYPES, PRESETS, REMAT, preset
 from srft_jax.rewards import DEFAULT_REWARD_TIMEOUT
 from srft_jax.sampler import SamplerConfig
 from srft_jax.train_step import OptimizerConfig
@@ -29,7 +31,7 @@ from srft_jax.train_step import OptimizerConfig
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(RunError, ValueError):
     """A configuration file or override is invalid; the message names the key and source."""
 
 
@@ -66,6 +68,8 @@ class ModelSpec:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {DTYPES}")
         if self.remat not in REMAT:
             raise ValueError(f"model.remat={self.remat!r}; choose one of {REMAT}")
+        if self.path is None:  # the sizes must make a model now, not after the data is loaded
+            preset(self.preset, **self.size_overrides())
 
     def size_overrides(self) -> dict:
         names = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -225,42 +229,86 @@ REMOVED_KEYS = {
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Reads a YAML file (or the defaults when `path` is None) and dotted `key=value` overrides."""
+    """Reads a YAML file (or the defaults when `path` is None) and dotted `key=value` overrides.
+
+    Every error is a one-line ConfigError naming its source: `FILE:LINE: ...` for YAML syntax,
+    `FILE: ...` for a bad key or value in the file, `command line: ...` for an override.
+    """
     source = path or "<defaults>"
+    base = _merge(source, OmegaConf.structured(_schema()))
+    if path is not None:
+        base = _merge(source, base, _upgrade(_read_yaml(path), path))
+    merged = base
+    overrides = _check_overrides(overrides)
+    if overrides:  # an old and a new name of one key on the command line
+        _upgrade(OmegaConf.from_dotlist(overrides), "command line", warn=False)
+    for override in overrides:
+        merged = _merge(f"command line ({override})", merged,
+                        _upgrade(OmegaConf.from_dotlist([override]), "command line"))
     try:
-        schema = OmegaConf.structured(_schema())
-        layers = [schema]
-        if path is not None:
-            if not os.path.isfile(path):
-                raise ConfigError(f"config file {path!r} does not exist")
-            layers.append(_upgrade(OmegaConf.load(path), path))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-            empty = [o for o in overrides if not o.split("=", 1)[1].strip()]
-            if empty:  # OmegaConf reads `key=` as null, which would silently mean "the default"
-                key = empty[0].split("=", 1)[0]
-                raise ConfigError(f"override {empty[0]!r} has no value: write {key}=\'\' (with the quotes "
-                                  f"reaching the program) for an empty string, or {key}=null for the default")
-            layers.append(_upgrade(OmegaConf.from_dotlist(list(overrides)), "the command line"))
-        merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True)
-        cfg = _build(merged)
-        _check_derived(merged, cfg)
+        cfg = _build_from(merged)
+        _check_derived(OmegaConf.to_container(merged, resolve=True), cfg)
         return cfg
-    except ConfigError:
-        raise
+    except (ValueError, TypeError, OmegaConfBaseException) as e:
+        message = _first_line(e)
+    if overrides and _builds(base):  # the file alone is fine: the command line is to blame
+        raise ConfigError(f"command line: {message}")
+    raise ConfigError(f"{source}: {message}")
+
+
+def _builds(tree) -> bool:
+    try:
+        _build_from(tree)
+        return True
+    except (ValueError, TypeError, OmegaConfBaseException):
+        return False
+
+
+def _read_yaml(path: str):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        return OmegaConf.load(path)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(p) for p in (e.context, e.problem) if p)
+        raise ConfigError(f"{path}{line}: YAML syntax error: {problem}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable YAML file ({_first_line(e)})") from None
+
+
+def _check_overrides(overrides: Sequence[str]) -> list[str]:
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"command line: override {bad[0]!r} is not of the form key=value")
+    empty = [o for o in overrides if not o.split("=", 1)[1].strip()]
+    if empty:  # OmegaConf reads `key=` as null, which would silently mean "the default"
+        key = empty[0].split("=", 1)[0]
+        raise ConfigError(f"command line: override {empty[0]!r} has no value: write {key}=\'\' (with the "
+                          f"quotes reaching the program) for an empty string, or {key}=null for the default")
+    return list(overrides)
+
+
+def _merge(source: str, *layers):
+    try:
+        return OmegaConf.merge(*layers)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        msg = str(e).splitlines()[0]
         where = f" (key {key})" if key else ""
-        raise ConfigError(f"{source}: {msg}{where}") from None
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{source}: {e}") from None
+        raise ConfigError(f"{source}: {_first_line(e)}{where}") from None
 
 
-def _upgrade(layer, source: str):
-    """`layer` with moved keys under their new names (warning once each); removed keys fail."""
+def _build_from(tree) -> Config:
+    return _build(OmegaConf.to_container(tree, resolve=True))
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _upgrade(layer, source: str, warn: bool = True):
+    """`layer` with moved keys under their new names (with a warning); removed keys fail."""
     tree = OmegaConf.to_container(layer, resolve=False)
     if not isinstance(tree, dict):
         return layer
@@ -273,7 +321,8 @@ def _upgrade(layer, source: str):
             continue
         if _pop(tree, new, check_only=True):
             raise ConfigError(f"{source}: both {old} and {new} are set; {old} is the old name of {new}")
-        log.warning("%s: %s is deprecated, use %s", source, old, new)
+        if warn:
+            log.warning("%s: %s is deprecated, use %s", source, old, new)
         node = tree
         for part in new.split(".")[:-1]:
             node = node.setdefault(part, {})

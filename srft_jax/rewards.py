@@ -14,8 +14,9 @@ strings), so batch scoring runs in :class:`RewardPool`: long-lived worker proces
 ``subprocess`` children running this module, so the parent's threads, JAX state and
 ``__main__`` are never forked or re-imported) with a per-item timeout. A worker first
 interrupts a slow item itself (an interval timer on its main thread); a worker stuck in C
-code past ``timeout + kill_grace`` is killed and replaced. Either way the item scores 0 and
-the pool keeps working. This module imports no JAX.
+code past ``timeout + kill_grace`` is killed and replaced. Either way the item is tried once
+more with a longer limit (on a loaded machine a correct answer can be slow), then scores 0
+and is reported as timed out; the pool keeps working. This module imports no JAX.
 """
 
 from __future__ import annotations
@@ -250,7 +251,10 @@ def _worker_main() -> None:  # pragma: no cover - runs in the worker (tested end
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     signal.signal(signal.SIGALRM, _on_alarm)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    # The parent decides when we stop: a Ctrl-C or SIGTERM sent to the whole process group
+    # must not kill the workers the parent's last step still needs (EOF on stdin ends us).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _score_one("math", "</think> \\boxed{\\frac{1}{2}}", "0.5", None)  # warm caches
     proto_out.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
@@ -268,14 +272,42 @@ def _worker_main() -> None:  # pragma: no cover - runs in the worker (tested end
 
 @dataclasses.dataclass
 class PoolStats:
-    """Counters over the pool's lifetime."""
+    """Counters over the pool's lifetime (`metrics(since)` gives the per-step figures)."""
 
     scored: int = 0
-    soft_timeouts: int = 0  # the worker interrupted the item itself
-    killed: int = 0  # the worker was stuck past timeout + kill_grace and was killed
+    soft_timeouts: int = 0  # attempts the worker interrupted itself at the item's timeout
+    killed: int = 0  # attempts whose worker was stuck past timeout + kill_grace (killed, replaced)
+    retried: int = 0  # timed-out items given a second attempt with the longer budget
+    timeout_zeros: int = 0  # items scored 0 because their retry timed out too
     crashed: int = 0  # the worker died on an item (the item is retried once)
     errors: int = 0  # the grader raised; item scored 0
-    restarts: int = 0
+    restarts: int = 0  # workers started to replace a killed or dead one
+
+    @property
+    def timeouts(self) -> int:
+        """Timed-out attempts, first tries and retries."""
+        return self.soft_timeouts + self.killed
+
+    def metrics(self, since: Optional["PoolStats"] = None) -> dict[str, float]:
+        """`reward/timeouts` (timed-out attempts), `reward/timeout_zeros` (items scored 0 after
+        their retry timed out too) and `reward/worker_restarts`, counted since `since` (a
+        `RewardPool.snapshot()`), or over the pool's lifetime."""
+        base = since or PoolStats()
+        return {"reward/timeouts": float(self.timeouts - base.timeouts),
+                "reward/timeout_zeros": float(self.timeout_zeros - base.timeout_zeros),
+                "reward/worker_restarts": float(self.restarts - base.restarts)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreReport:
+    """Rewards in input order, and per item whether its 0 comes from a timeout (the first try
+    and the retry both timed out): such a reward says nothing about the answer, so do not cache
+    it. `timeouts` / `worker_restarts`: what happened during this call."""
+
+    rewards: list[float]
+    timed_out: list[bool]
+    timeouts: int
+    worker_restarts: int
 
 
 _MAX_INFLIGHT = 2  # items handed to a worker at once: the running one + one queued
@@ -365,11 +397,17 @@ class RewardPool:
         with RewardPool(num_workers=4, timeout=5.0) as pool:
             rewards = pool.score(responses, ground_truths)            # math
             rewards = pool.score(responses, letters, kind="mc")       # multiple choice
+            report = pool.score_report(responses, ground_truths)      # + which items timed out
 
     Workers start once (about a second each, in parallel) and serve every later call.
-    An item gets ``timeout`` seconds; a worker that is still stuck ``kill_grace`` seconds
-    later is killed and replaced, and its item scores 0. ``score`` is not re-entrant
-    (a lock serialises concurrent callers).
+    An item gets ``timeout`` seconds (one value, or one per item). A worker interrupts an item
+    at its timeout itself; one still stuck ``kill_grace`` seconds later (inside C code) is
+    killed and replaced. A timed-out item is tried once more, on the next free worker, with
+    ``retry_factor`` times its timeout (a timeout on a busy machine is usually just slowness);
+    if that times out too it scores 0 and is reported as timed out. Each call that met a
+    timeout logs one warning line; ``stats`` counts everything (``stats.metrics(since)`` for
+    the per-step ``reward/timeouts``, ``reward/timeout_zeros``, ``reward/worker_restarts``).
+    ``score`` is not re-entrant (a lock serialises concurrent callers).
     """
 
     def __init__(
@@ -378,6 +416,7 @@ class RewardPool:
         timeout: float = DEFAULT_REWARD_TIMEOUT,
         kill_grace: float = 1.0,
         start_timeout: float = 120.0,
+        retry_factor: float = 4.0,
     ):
         if num_workers is not None and num_workers < 1:
             raise ValueError(f"num_workers must be >= 1 or None, got {num_workers}")
@@ -385,10 +424,13 @@ class RewardPool:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         if kill_grace < 0:
             raise ValueError(f"kill_grace must be >= 0 seconds, got {kill_grace}")
+        if not retry_factor >= 1:
+            raise ValueError(f"retry_factor must be >= 1, got {retry_factor}")
         self.num_workers = num_workers or _default_num_workers()
         self.timeout = float(timeout)
         self.kill_grace = float(kill_grace)
         self.start_timeout = float(start_timeout)
+        self.retry_factor = float(retry_factor)
         self.stats = PoolStats()
         self._env = _child_env()
         self._lock = threading.Lock()
@@ -450,18 +492,33 @@ class RewardPool:
 
     # -- scoring -----------------------------------------------------------------------
 
+    def snapshot(self) -> PoolStats:
+        """A copy of the counters, to pass to ``stats.metrics(since=...)`` later."""
+        return dataclasses.replace(self.stats)
+
     def score(
         self,
         responses: Sequence[str],
         ground_truths: Sequence[str],
         kind: str | Sequence[str] = "math",
-        timeout: Optional[float] = None,
+        timeout: float | Sequence[float] | None = None,
     ) -> list[float]:
         """Rewards for ``responses`` against ``ground_truths``, in input order.
 
         ``kind`` is "math" (Math-Verify) or "mc" (ground truth is the correct letter), or
-        one such string per item. ``timeout`` overrides the pool's per-item timeout.
+        one such string per item. ``timeout`` overrides the pool's per-item timeout (one
+        value, or one per item).
         """
+        return self.score_report(responses, ground_truths, kind, timeout).rewards
+
+    def score_report(
+        self,
+        responses: Sequence[str],
+        ground_truths: Sequence[str],
+        kind: str | Sequence[str] = "math",
+        timeout: float | Sequence[float] | None = None,
+    ) -> ScoreReport:
+        """``score`` plus, per item, whether its 0 comes from timeouts (see ``ScoreReport``)."""
         if len(responses) != len(ground_truths):
             raise ValueError(
                 f"responses ({len(responses)}) and ground_truths ({len(ground_truths)}) "
@@ -473,24 +530,45 @@ class RewardPool:
         for k in set(kinds):
             if k not in KINDS:
                 raise ValueError(f"kind must be one of {KINDS}, got {k!r}")
-        item_timeout = self.timeout if timeout is None else float(timeout)
-        if not item_timeout > 0:
+        if timeout is None:
+            timeouts = [self.timeout] * len(responses)
+        elif isinstance(timeout, (int, float)):
+            timeouts = [float(timeout)] * len(responses)
+        else:
+            timeouts = [float(t) for t in timeout]
+            if len(timeouts) != len(responses):
+                raise ValueError(f"timeout has {len(timeouts)} entries for {len(responses)} responses")
+        if not all(t > 0 for t in timeouts):
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         with self._lock:
             if self._closed:
                 raise RuntimeError("RewardPool is closed")
-            return self._run(list(responses), list(ground_truths), kinds, item_timeout)
+            before = self.snapshot()
+            rewards, timed_out = self._run(list(responses), list(ground_truths), kinds, timeouts)
+        report = ScoreReport(rewards, timed_out, self.stats.timeouts - before.timeouts,
+                             self.stats.restarts - before.restarts)
+        if report.timeouts:
+            logger.warning(
+                "reward scoring: %d timed-out attempt(s) among %d items (limit %s s, retry %gx); "
+                "%d item(s) scored 0 after the retry timed out too; %d worker restart(s)",
+                report.timeouts, len(rewards), f"{min(timeouts):g}" if len(set(timeouts)) == 1
+                else f"{min(timeouts):g}-{max(timeouts):g}", self.retry_factor, sum(timed_out),
+                report.worker_restarts)
+        return report
 
-    def _run(self, responses, truths, kinds, item_timeout) -> list[float]:
-        results = [0.0] * len(responses)
+    def _run(self, responses, truths, kinds, timeouts) -> tuple[list[float], list[bool]]:
+        n = len(responses)
+        results = [0.0] * n
+        timed_out = [False] * n
         pending: deque[int] = deque()
         for i, (response, truth) in enumerate(zip(responses, truths)):
             # Wrong types score 0 here: only strings cross the process boundary.
             if isinstance(response, str) and isinstance(truth, str):
                 pending.append(i)
-        done_count = len(responses) - len(pending)
-        attempts = [0] * len(responses)
-        budget = item_timeout + self.kill_grace
+        done_count = n - len(pending)
+        crashes = [0] * n
+        retried = [False] * n
+        budget = list(timeouts)  # this attempt's limit; raised for the retry
 
         def finish(i: int, score: float) -> None:
             nonlocal done_count
@@ -500,12 +578,28 @@ class RewardPool:
         def requeue(items: list[int]) -> None:
             pending.extendleft(reversed(items))
 
+        def on_timeout(i: int) -> None:
+            """Retry once with the longer budget, then score 0."""
+            if not retried[i]:
+                retried[i] = True
+                budget[i] = timeouts[i] * self.retry_factor
+                self.stats.retried += 1
+                requeue([i])
+            else:
+                timed_out[i] = True
+                self.stats.timeout_zeros += 1
+                finish(i, 0.0)
+
+        def start_next(worker: _Worker) -> None:
+            if worker.inflight:  # the queued item starts now (or a little earlier)
+                worker.deadline = time.monotonic() + budget[worker.inflight[0]] + self.kill_grace
+
         selector = selectors.DefaultSelector()
         try:
             for worker in self._workers:
                 selector.register(worker.fd, selectors.EVENT_READ, worker)
-            while done_count < len(responses):
-                self._assign(pending, responses, truths, kinds, item_timeout, budget)
+            while done_count < n:
+                self._assign(pending, responses, truths, kinds, budget)
                 now = time.monotonic()
                 wake = [w.deadline for w in self._workers if w.inflight]
                 wake += [w.started + self.start_timeout for w in self._workers if not w.ready]
@@ -517,10 +611,13 @@ class RewardPool:
                         if message.get("ready"):
                             worker.ready = True
                         elif worker.inflight:
-                            finish(worker.inflight.popleft(), float(message["score"]))
+                            i = worker.inflight.popleft()
                             self._count(message["status"])
-                            # the next queued item starts now (or a little earlier)
-                            worker.deadline = time.monotonic() + budget
+                            if message["status"] == "timeout":
+                                on_timeout(i)
+                            else:
+                                finish(i, float(message["score"]))
+                            start_next(worker)
                     if eof:
                         if worker.inflight:
                             # Retry the item being scored once on a fresh worker (the death
@@ -530,8 +627,8 @@ class RewardPool:
                             logger.warning("a reward worker died (exit code %s); replacing it",
                                            worker.proc.poll())
                             head = worker.inflight.popleft()
-                            attempts[head] += 1
-                            if attempts[head] < 2:
+                            crashes[head] += 1
+                            if crashes[head] < 2:
                                 requeue([head])
                             else:
                                 finish(head, 0.0)
@@ -542,11 +639,11 @@ class RewardPool:
                 now = time.monotonic()
                 for worker in list(self._workers):
                     if worker.inflight and now > worker.deadline:
+                        # Stuck in C code past its own timer: kill, replace, retry or score 0.
                         self.stats.killed += 1
-                        logger.warning("a reward worker was stuck past %.1f s; killed and "
-                                       "replaced, its item scores 0", budget)
-                        finish(worker.inflight.popleft(), 0.0)
+                        head = worker.inflight.popleft()
                         requeue(list(worker.inflight))
+                        on_timeout(head)
                         self._replace(worker, selector)
                     elif not worker.ready and now > worker.started + self.start_timeout:
                         raise RuntimeError(
@@ -554,10 +651,10 @@ class RewardPool:
                         )
         finally:
             selector.close()
-        self.stats.scored += len(responses)
-        return results
+        self.stats.scored += n
+        return results, timed_out
 
-    def _assign(self, pending, responses, truths, kinds, item_timeout, budget) -> None:
+    def _assign(self, pending, responses, truths, kinds, budget) -> None:
         """Hand pending items to ready workers, up to _MAX_INFLIGHT each.
 
         A second item is queued behind the running one (so the worker never waits for
@@ -568,12 +665,12 @@ class RewardPool:
             while worker.ready and pending and len(worker.inflight) < _MAX_INFLIGHT:
                 i = pending[0]
                 payload = _encode({"kind": kinds[i], "response": responses[i],
-                                   "truth": truths[i], "timeout": item_timeout})
+                                   "truth": truths[i], "timeout": budget[i]})
                 if worker.inflight and len(payload) > _PIPELINE_BYTES:
                     break
                 pending.popleft()
                 if not worker.inflight:
-                    worker.deadline = time.monotonic() + budget
+                    worker.deadline = time.monotonic() + budget[i] + self.kill_grace
                 worker.inflight.append(i)
                 try:
                     worker.send_bytes(payload)

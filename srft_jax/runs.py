@@ -25,6 +25,7 @@ from flax import nnx
 from srft_jax.data.config import DataConfig
 from srft_jax.data.prompts import PromptTemplate
 from srft_jax.data.tokenizer import load_tokenizer
+from srft_jax.faults import MissingDataError
 from srft_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -143,14 +144,16 @@ def init_model(spec, model_cfg: ModelConfig, mesh, seed: int) -> nnx.Module:
                                            param_dtype=spec.param_dtype, remat=spec.remat)
         return model
     model = weights.create_sharded_model(model_cfg, mesh, seed=seed)
-    if path is not None:  # an earlier run: its latest checkpoint's parameters
+    if path is not None:  # an earlier run: the parameters of its newest checkpoint that restores
         src = Checkpointer(path, async_save=False)
-        step = src.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"model.path={path!r} has no complete checkpoint")
-        nnx.update(model, src.restore_params(step, nnx.to_pure_dict(nnx.state(model))))
-        src.close()
-        log.info("initialised from %s step %d", path, step)
+        try:
+            restored = src.restore_latest(nnx.to_pure_dict(nnx.state(model)), move_aside=False)
+        finally:
+            src.close()
+        if restored is None:
+            raise MissingDataError(f"model.path={path!r} has no complete checkpoint")
+        nnx.update(model, restored.params)
+        log.info("initialised from %s step %d", path, restored.step)
     return model
 
 

@@ -54,8 +54,10 @@ from srft_jax.data.tokenizer import decode_response, stop_token_ids
 from srft_jax.data.training import Example, load_training_examples_from_config
 from srft_jax.evaluation.harness import EvalProtocol, load_benchmarks
 from srft_jax.evaluation.policy import evaluate_during_training
-from srft_jax.metrics import MetricsWriter, Progress, truncate_metrics
-from srft_jax.rewards import RewardPool
+from srft_jax.faults import RunError, RunWriteError
+from srft_jax.metrics import MetricsWriter, Progress
+from srft_jax.preemption import StopSignals
+from srft_jax.rewards import PoolStats, RewardPool
 from srft_jax.sampler import Sampler
 from srft_jax.shapes import bucket_length, left_pad
 from srft_jax.train_step import (
@@ -129,21 +131,29 @@ class Run:
     sampler: Sampler
     pool: RewardPool
     checkpointer: Checkpointer
-    writer: MetricsWriter
     progress: Progress
     updates: "UpdateFunctions"
-    demo_rewards: dict[str, float] = dataclasses.field(default_factory=dict)
+    writer: Optional[MetricsWriter] = None  # opened by `init_or_restore`, which knows the step
+    demo_rewards: dict[str, float] = dataclasses.field(default_factory=dict)  # verified, never timed out
     compiled: set = dataclasses.field(default_factory=set)  # (P, R) widths of the train step
 
     @property
     def is_main(self) -> bool:
         return jax.process_index() == 0
 
-    def close(self) -> None:
-        self.progress.close()
-        self.writer.close()
-        self.checkpointer.close()
-        self.pool.close()
+    def close(self, failed: bool = False) -> None:
+        """Releases everything; waits for the last checkpoint save. When the run is already
+        failing (`failed`), errors of closing are logged, not raised over the original one."""
+        for close in (self.progress.close, self.pool.close,
+                      self.writer.close if self.writer else None, self.checkpointer.close):
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception as e:
+                if not failed:
+                    raise
+                log.debug("while stopping after an error: %s", e)
 
 
 @dataclasses.dataclass
@@ -245,8 +255,6 @@ def setup_run(cfg: Config) -> Run:
         sampler=Sampler(cfg.sampler, stop_ids=stop_ids, pad_id=pad_id),
         pool=RewardPool(num_workers=cfg.train.reward_workers, timeout=cfg.train.reward_timeout),
         checkpointer=Checkpointer(run_dir, keep=cfg.train.keep_checkpoints),
-        writer=MetricsWriter(run_dir, enabled=jax.process_index() == 0,
-                             tensorboard=cfg.train.tensorboard, wandb_project=cfg.train.wandb_project),
         progress=Progress(cfg.train.steps, enabled=jax.process_index() == 0 and cfg.train.progress_bar),
         updates=updates)
 
@@ -294,28 +302,31 @@ def _eval_protocol(cfg: Config) -> EvalProtocol:
 
 
 def init_or_restore(run: Run) -> TrainState:
-    """The policy and optimiser state: from the latest checkpoint of the run directory if there
-    is one (data position and counters included), else from `model` (random, HF, or a run)."""
+    """The policy and optimiser state: from the newest checkpoint of the run directory that
+    restores (damaged ones are moved aside), data position and counters included; else from
+    `model` (random, HF, or a run). Opens the metrics log as it was at that step."""
     cfg = run.cfg
     with jax.set_mesh(run.mesh):
         model_cfg = runs.model_config_for(cfg.model, len(run.tokenizer))
         model = runs.init_model(cfg.model, model_cfg, run.mesh, seed=cfg.train.seed)
         params = nnx.to_pure_dict(nnx.state(model))
         opt_state = run.updates.init_opt_state(params)
-        state = TrainState(0, model, params, opt_state)
-        latest = run.checkpointer.latest_step()
-        if latest is None:
-            if run.is_main:  # a run killed before its first checkpoint starts its log afresh
-                truncate_metrics(cfg.train.run_dir, 0)
-            return state
-        params, opt_state, meta = run.checkpointer.restore(latest, params, opt_state)
-        nnx.update(model, params)
-    run.iterator.load_state_dict(meta["data"])
-    if run.is_main:  # the log as it was at the checkpoint, its own step's record included
-        truncate_metrics(cfg.train.run_dir, latest, meta.get("metrics"))
-    run.progress.advance_to(latest)
-    log.info("resumed from %s at step %d", run.checkpointer.directory, latest)
-    return TrainState(latest, model, params, opt_state, int(meta.get("skipped_updates", 0)))
+        restored = run.checkpointer.restore_latest(params, opt_state, meta_keys=("data",))
+    if restored is None:
+        state, meta = TrainState(0, model, params, opt_state), {}
+    else:
+        nnx.update(model, restored.params)
+        meta = restored.meta
+        run.iterator.load_state_dict(meta["data"])
+        state = TrainState(restored.step, model, restored.params, restored.opt_state,
+                           int(meta.get("skipped_updates", 0)))
+        run.progress.advance_to(restored.step)
+        log.info("resumed from %s at step %d", run.checkpointer.directory, restored.step)
+    # The log as it was at that step (its own record included); without a checkpoint, empty.
+    run.writer = MetricsWriter(cfg.train.run_dir, start_step=state.step, last_record=meta.get("metrics"),
+                               enabled=run.is_main, tensorboard=cfg.train.tensorboard,
+                               wandb_project=cfg.train.wandb_project)
+    return state
 
 
 # ---- one step -------------------------------------------------------------------------------
@@ -353,19 +364,24 @@ def sample_rollouts(run: Run, state: TrainState, prompts: StepPrompts, step: int
 
 
 def score(run: Run, prompts: StepPrompts, rollouts: Rollouts) -> Scores:
-    """Verified rewards of the rollouts and of the demonstrations (each demonstration is
-    scored once per run with the same reward and remembered)."""
+    """Verified rewards of the rollouts and of the demonstrations. A demonstration is scored
+    once per run and remembered, unless its scoring timed out (then it is scored again the
+    next time its prompt comes up)."""
     g = run.layout.rollouts
     truths = [e.ground_truth for e in prompts.examples for _ in range(g)]
     rollout_scores = run.pool.score(rollouts.texts, truths) if g else []
     demo_scores = [0.0] * len(prompts.examples)
     if run.layout.demos:
-        todo = [e for e in prompts.examples if e.id not in run.demo_rewards]
+        known = {e.id: run.demo_rewards[e.id] for e in prompts.examples if e.id in run.demo_rewards}
+        todo = list({e.id: e for e in prompts.examples if e.id not in known}.values())
         if todo:
             texts = [decode_response(run.tokenizer, e.demo_ids, run.stop_ids) for e in todo]
-            run.demo_rewards.update(zip([e.id for e in todo],
-                                        run.pool.score(texts, [e.ground_truth for e in todo])))
-        demo_scores = [run.demo_rewards[e.id] for e in prompts.examples]
+            report = run.pool.score_report(texts, [e.ground_truth for e in todo])
+            for e, reward, timed_out in zip(todo, report.rewards, report.timed_out):
+                known[e.id] = reward
+                if not timed_out:
+                    run.demo_rewards[e.id] = reward
+        demo_scores = [known[e.id] for e in prompts.examples]
     return Scores(list(rollout_scores), demo_scores)
 
 
@@ -426,13 +442,16 @@ def update(run: Run, state: TrainState, minibatches: MiniBatches) -> tuple[Train
     return TrainState(step, state.model, params, opt_state, skipped), metrics
 
 
-def rollout_metrics(run: Run, rollouts: Rollouts, scores: Scores, sample_seconds: float) -> dict:
-    """Rewards, rollout lengths and sampling throughput of the step, over every process's rows."""
+def rollout_metrics(run: Run, rollouts: Rollouts, scores: Scores, sample_seconds: float,
+                    pool_before: PoolStats) -> dict:
+    """Rewards, rollout lengths, sampling throughput and reward timeouts of the step (timeouts
+    since `pool_before`), over every process's rows."""
     lengths = [len(t) for t in rollouts.tokens]
+    timeouts = run.pool.stats.metrics(since=pool_before)
     sums = distributed.shard_sum([sum(scores.rollouts), sum(lengths), float(np.sum(~rollouts.stopped)),
-                                  len(lengths), sum(scores.demos)], run.mesh)
-    reward, length, truncated, count, demo_reward = (float(v) for v in sums)
-    metrics = {}
+                                  len(lengths), sum(scores.demos), *timeouts.values()], run.mesh)
+    reward, length, truncated, count, demo_reward = (float(v) for v in sums[:5])
+    metrics = dict(zip(timeouts, (float(v) for v in sums[5:])))
     if run.layout.rollouts:
         metrics.update({"reward/rollout": reward / count, "rollout/length": length / count,
                         "rollout/truncated": truncated / count,
@@ -459,23 +478,35 @@ def evaluate(run: Run, state: TrainState, step: int) -> dict:
     return metrics
 
 
-def save_and_log(run: Run, state: TrainState, metrics: dict, clock: "StepClock") -> None:
-    """The step's checkpoint (every `train.checkpoint_every` and at the last step), then its
-    metrics record with the phase timers (every `train.log_every`, at the last step and
-    whenever it evaluated)."""
+def save_and_log(run: Run, state: TrainState, metrics: dict, clock: "StepClock", stop: bool) -> None:
+    """The step's checkpoint (every `train.checkpoint_every`, at the last step, and when the
+    run stops on a signal), then its metrics record with the phase timers (every
+    `train.log_every`, at the last step, whenever it evaluated, and when it stops).
+
+    A failed write (checkpoint, metrics, TensorBoard) raises `RunWriteError` naming the path and
+    the OS error; with several processes all of them stop at the same step (one small
+    all-gather per step tells them whether any process failed)."""
     tcfg, step = run.cfg.train, state.step
-    logged = step % tcfg.log_every == 0 or step == tcfg.steps or "eval/accuracy" in metrics
-    if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
-        # The record goes into the checkpoint too: a run killed after the checkpoint commits but
-        # before the record is written gets it back on resume (timers up to the save).
-        record = {"step": step, **metrics, **clock.metrics()} if logged else None
-        run.checkpointer.save(step, state.params, state.opt_state,
-                              {"step": step, "data": run.iterator.state_dict(),
-                               "skipped_updates": state.skipped_updates, "metrics": record})
-    clock.lap("checkpoint")
-    metrics = {**metrics, **clock.metrics()}
-    if logged:
-        run.writer.write(step, metrics)
+    logged = step % tcfg.log_every == 0 or step == tcfg.steps or stop or "eval/accuracy" in metrics
+    failure: Optional[RunError] = None
+    try:
+        run.checkpointer.check()  # a background save that failed since the last step
+        if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stop:
+            # The record goes into the checkpoint too: a run killed after the checkpoint
+            # commits but before the record is written gets it back on resume.
+            record = {"step": step, **metrics, **clock.metrics()} if logged else None
+            run.checkpointer.save(step, state.params, state.opt_state,
+                                  {"step": step, "data": run.iterator.state_dict(),
+                                   "skipped_updates": state.skipped_updates, "metrics": record})
+        clock.lap("checkpoint")
+        metrics = {**metrics, **clock.metrics()}
+        if logged:
+            run.writer.write(step, metrics)
+    except RunWriteError as e:
+        failure = e
+    if distributed.process_max(int(failure is not None)):
+        raise failure or RunWriteError("the run's files", tcfg.run_dir, None,
+                                       "another process failed to write; see its log")
     run.progress.update(metrics)
 
 
@@ -505,17 +536,24 @@ class TrainResult:
     metrics: dict  # the last step's
     export_dir: Optional[str]
     plots: list
+    stopped: bool = False  # by a signal, after a checkpoint of `final_step`
 
 
 def train(cfg: Config) -> TrainResult:
-    """Runs (or continues) the training run of `cfg`: the algorithm box of the module docstring."""
+    """Runs (or continues) the training run of `cfg`: the algorithm box of the module docstring.
+
+    SIGTERM or a first Ctrl-C stops the run after the step in progress, with a checkpoint of
+    it (`TrainResult.stopped`; every process stops at the same step); a second Ctrl-C exits at
+    once. Rerunning the same command continues from the latest checkpoint."""
     run = setup_run(cfg)
     metrics: dict = {}
-    with jax.set_mesh(run.mesh):
+    stopped = False
+    with jax.set_mesh(run.mesh), StopSignals() as signals:
         try:
             state = init_or_restore(run)
             for step in range(state.step + 1, cfg.train.steps + 1):
                 clock = StepClock()
+                before = run.pool.snapshot()
                 prompts = next_prompts(run)
                 rollouts = sample_rollouts(run, state, prompts, step)
                 clock.lap("sample")
@@ -527,11 +565,21 @@ def train(cfg: Config) -> TrainResult:
                 clock.lap("update")
                 metrics |= evaluate(run, state, step)
                 clock.lap("eval")
-                metrics |= rollout_metrics(run, rollouts, scores, clock.seconds["sample"])
+                metrics |= rollout_metrics(run, rollouts, scores, clock.seconds["sample"], before)
                 metrics["throughput/train_tokens_per_s"] = minibatches.tokens / max(clock.seconds["update"], 1e-9)
-                save_and_log(run, state, metrics, clock)
-        finally:
-            run.close()
+                stopped = signals.should_stop(step)
+                save_and_log(run, state, metrics, clock, stop=stopped)
+                if stopped:
+                    break
+        except BaseException:
+            run.close(failed=True)
+            raise
+        run.close()
+        if stopped:
+            if run.is_main:
+                print(signals.summary(state.step, os.path.join(run.checkpointer.directory, str(state.step))),
+                      flush=True)
+            return TrainResult(cfg.train.run_dir, state.step, metrics, None, [], stopped=True)
         export_dir, plots = finish(run, state)
     return TrainResult(cfg.train.run_dir, state.step, metrics, export_dir, plots)
 

@@ -344,5 +344,5 @@ def test_iterator_rejects_mismatched_state():
         PromptIterator(fake_examples(10), batch_size=2, seed=1).load_state_dict(state)
     with pytest.raises(ValueError, match="num_examples"):
         PromptIterator(fake_examples(12), batch_size=2, seed=0).load_state_dict(state)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match=r"train.prompts_per_step=4 is more than the 3 usable"):
         PromptIterator(fake_examples(3), batch_size=4, seed=0)

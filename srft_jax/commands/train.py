@@ -1,7 +1,8 @@
 """`srft-jax train [--config FILE] [key=value ...]`: SRFT training (or a baseline preset).
 
 With no config the embedded demo runs: a small model learns the synthetic arithmetic task on
-a CPU in minutes, with no downloads.
+a CPU in minutes, with no downloads. Exit codes: 0 done; 75 stopped by SIGTERM or Ctrl-C after
+a checkpoint (rerun to continue); 130 a second Ctrl-C; 1 a run error (one line); 2 a bad config.
 """
 
 DEFAULT_CONFIG = "demo"
@@ -25,6 +26,10 @@ def run(args) -> int:
     from srft_jax.train import train
 
     result = train(cfg)
+    if result.stopped:  # by SIGTERM / Ctrl-C, after a checkpoint (train printed where)
+        from srft_jax.preemption import EXIT_STOPPED
+
+        return EXIT_STOPPED
     print(f"run directory: {result.run_dir}")
     print(f"  metrics:     {result.run_dir}/metrics.jsonl (TensorBoard: {result.run_dir}/tensorboard)")
     print(f"  checkpoints: {result.run_dir}/checkpoints")

@@ -18,19 +18,21 @@ from collections.abc import Sequence
 import numpy as np
 
 from srft_jax.data.training import Example
+from srft_jax.faults import DataError
 
 
 class PromptIterator:
     """Yields lists of ``batch_size`` examples forever, epoch after epoch."""
 
     def __init__(self, examples: Sequence[Example], batch_size: int, seed: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, size_key: str = "train.prompts_per_step"):
+        """size_key: the config key that set ``batch_size``, named in errors."""
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ValueError(f"{size_key} must be >= 1, got {batch_size}")
         if len(examples) < batch_size:
-            raise ValueError(
-                f"batch_size {batch_size} is larger than the number of examples {len(examples)}"
-            )
+            raise DataError(
+                f"{size_key}={batch_size} is more than the {len(examples)} usable training "
+                f"examples; lower {size_key} or use more data")
         self.examples = examples if isinstance(examples, Sequence) else list(examples)
         self.batch_size = int(batch_size)
         self.seed = int(seed)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from srft_jax.data import tfds_io
+from srft_jax.faults import DataError
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
@@ -102,17 +103,26 @@ def _iter_json(path: Path) -> Iterator[Record]:
     try:
         rows = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a valid JSON array ({exc})") from exc
+        raise DataError(f"{path}: not a valid JSON array ({exc})") from None
     for i, row in enumerate(rows):
         yield row if isinstance(row, dict) else BadRecord("not_an_object", f"{path}[{i}]")
 
 
 def _iter_parquet(path: Path, batch_rows: int = 512) -> Iterator[Record]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    reader = pq.ParquetFile(path)
-    for batch in reader.iter_batches(batch_size=batch_rows):
-        yield from batch.to_pylist()
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+        while True:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            rows = batch.to_pylist()
+            yield from rows
+    except (pa.ArrowException, OSError) as exc:  # a truncated or non-parquet file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{path}: not a readable parquet file ({first})") from None
 
 
 def _iter_file(path: Path) -> Iterator[Record]:

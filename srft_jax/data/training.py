@@ -40,6 +40,7 @@ from srft_jax.data import gsm8k, tfds_io
 from srft_jax.data.config import DataConfig
 from srft_jax.data.prompts import PAPER_TEMPLATE, PromptTemplate
 from srft_jax.data.sources import BadRecord, as_text, iter_records
+from srft_jax.faults import DataError, MissingDataError
 from srft_jax.shapes import bucket_length, default_buckets
 
 logger = logging.getLogger(__name__)
@@ -443,19 +444,22 @@ def load_training_examples(
     tally = _Tally(tuple(prompt_buckets) or default_buckets(max_prompt_len),
                    tuple(response_buckets) or default_buckets(max_response_len))
     examples: Sequence[Example]
-    if tfds_io.is_tfds_source(source):
-        rows = tfds_io.open_split(source, split, tfds_data_dir)
-        count = len(rows) if max_rows is None else min(len(rows), max_rows)
-        kept = [i for i, _ in _scan(enumerate(rows.iter_range(count)), encoder, tally, require_demo)]
-        examples = LazyExamples(rows, np.asarray(kept, np.int64), encoder, require_demo)
-    else:
-        records = itertools.islice(enumerate(iter_records(source, split, hf_name)), max_rows)
-        examples = [e for _, e in _scan(records, encoder, tally, require_demo)]
+    try:
+        if tfds_io.is_tfds_source(source):
+            rows = tfds_io.open_split(source, split, tfds_data_dir)
+            count = len(rows) if max_rows is None else min(len(rows), max_rows)
+            kept = [i for i, _ in _scan(enumerate(rows.iter_range(count)), encoder, tally, require_demo)]
+            examples = LazyExamples(rows, np.asarray(kept, np.int64), encoder, require_demo)
+        else:
+            records = itertools.islice(enumerate(iter_records(source, split, hf_name)), max_rows)
+            examples = [e for _, e in _scan(records, encoder, tally, require_demo)]
+    except FileNotFoundError as e:
+        raise MissingDataError(f"training data: {e}") from None
     stats = tally.stats(source, len(examples))
     if not examples:
         if stats.rows_read == 0:
-            raise ValueError(f"no rows in training source {source!r}")
-        raise ValueError(f"no usable training rows in {source!r}: {stats.summary()}")
+            raise DataError(f"no rows in training source {source!r}")
+        raise DataError(f"no usable training rows in {source!r}: {stats.summary()}")
     log = logger.warning if stats.num_skipped else logger.info
     log("training data %s", stats.summary())
     return examples, stats

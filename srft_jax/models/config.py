@@ -65,7 +65,11 @@ class ModelConfig:
             if self.hidden_size % self.num_heads:
                 raise ValueError(
                     f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads="
-                    f"{self.num_heads}; set model.head_dim explicitly")
+                    f"{self.num_heads}")
+            if (self.hidden_size // self.num_heads) % 2:
+                raise ValueError(
+                    f"model.hidden_size={self.hidden_size} / model.num_heads={self.num_heads} gives "
+                    f"attention heads of size {self.hidden_size // self.num_heads}; RoPE needs an even size")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
