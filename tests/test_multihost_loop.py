@@ -6,7 +6,8 @@ one global sampler call per chunk, scores them, builds its rows of the mixed bat
 its share of the held-out examples, and saves its shards of the orbax checkpoints; process 0
 alone writes metrics.jsonl, the plots and the HF export. The distributed run stops after step 2
 (checkpoint 2); the slow test restarts it for step 3 from that checkpoint, and the reference
-runs 3 steps straight.
+runs 3 steps straight. A third distributed run gets SIGTERM on process 1 only: both processes
+stop after the same step with its checkpoint.
 
 Sampled rollouts and held-out answers (their lengths, rewards) match exactly; losses, gradient
 norms and parameters match to float32 rounding (about 1 ulp): the sums over devices inside the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -73,7 +75,11 @@ def run_process(process_id: int, port: int, run_dir: str, steps: int) -> None:
                       f"mesh.process_id={process_id}"]
     result = train(load_config(resolve_config_path("demo"), overrides))
     assert jax.process_count() == (NUM_PROCESSES if port else 1)
-    assert jax.device_count() == 8 and result.final_step == steps
+    assert jax.device_count() == 8
+    if result.stopped:  # by a signal: the exit code says so (see test_sigterm_to_one_process...)
+        print(f"stopped at step {result.final_step}", flush=True)
+        sys.exit(75)
+    assert result.final_step == steps
 
 
 def _free_port() -> int:
@@ -201,6 +207,36 @@ def test_two_process_loop_matches_one_process(runs):
     _compare_params(multi, ref, 2)
     assert os.path.isfile(multi / "hf" / "config.json")
     assert os.path.isfile(multi / "plots" / "overview.png")
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step(runs, tmp_path):
+    """SIGTERM to process 1 only, after step 1: both processes finish the same step, write its
+    checkpoint together and exit 75; what they logged is what the reference logged."""
+    root, _, ref = runs
+    run_dir = root / "stopped"
+    procs = _distributed(run_dir, STEPS, tmp_path)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
+            assert all(p.poll() is None for p in procs.values()) and time.monotonic() < deadline
+            time.sleep(0.05)
+        list(procs.values())[1].send_signal(signal.SIGTERM)
+        for p in procs.values():
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        _kill(procs)
+    codes = [p.returncode for p in procs.values()]
+    logs = [open(path).read() for path in procs]
+    assert codes == [75, 75], (codes, [log[-3000:] for log in logs])
+    steps = {int(line.split()[-1]) for log in logs for line in log.splitlines()
+             if line.startswith("stopped at step")}
+    assert len(steps) == 1, logs  # the same step on both processes
+    (step,) = steps
+    assert 2 <= step <= STEPS  # step 1 was logged before the signal: at least step 2
+    got = _metrics(run_dir)
+    assert [r["step"] for r in got] == list(range(1, step + 1))
+    _compare_metrics(got, _metrics(ref)[:step])
+    _compare_params(run_dir, ref, step)
 
 
 @pytest.mark.slow
