@@ -54,6 +54,7 @@ from srft_jax.data.tokenizer import decode_response, stop_token_ids
 from srft_jax.data.training import Example, load_training_examples_from_config
 from srft_jax.evaluation.harness import EvalProtocol, load_benchmarks
 from srft_jax.evaluation.policy import evaluate_during_training
+from srft_jax.losses import SRFTLossConfig
 from srft_jax.faults import RunError, RunWriteError
 from srft_jax.metrics import MetricsWriter, Progress
 from srft_jax.preemption import StopSignals
@@ -99,10 +100,9 @@ class BatchLayout:
         return self.rollouts + int(self.demos)
 
     @classmethod
-    def of(cls, cfg: Config, shard: distributed.DataShard) -> "BatchLayout":
-        tcfg = cfg.train
-        rollouts = tcfg.rollouts_per_prompt if cfg.loss.use_onpolicy_rl else 0
-        demos = cfg.loss.use_sft or cfg.loss.use_demo_rl
+    def of(cls, tcfg, loss: SRFTLossConfig, shard: distributed.DataShard) -> "BatchLayout":
+        rollouts = tcfg.rollouts_per_prompt if loss.use_onpolicy_rl else 0
+        demos = loss.use_sft or loss.use_demo_rl
         per_update = tcfg.prompts_per_step // tcfg.updates_per_step
         local_prompts = shard.local_size(per_update, "train.prompts_per_step / train.updates_per_step")
         group_rows = rollouts + int(demos)
@@ -206,8 +206,7 @@ class UpdateFunctions:
     """The jitted update and old-log-prob programs of a run: one `jax.jit` each, with the
     run's shardings; jit compiles one program per (P, R) width pair it meets."""
 
-    def __init__(self, cfg: Config, graphdef, abstract_params, mesh, layout: BatchLayout):
-        tcfg = cfg.train
+    def __init__(self, tcfg, loss: SRFTLossConfig, graphdef, abstract_params, mesh, layout: BatchLayout):
         self.schedule = make_schedule(tcfg.optim, tcfg.steps, tcfg.updates_per_step)
         self.tx = make_optimizer(tcfg.optim, tcfg.steps, tcfg.updates_per_step)
         self.param_shardings = param_shardings(abstract_params, mesh)
@@ -215,7 +214,7 @@ class UpdateFunctions:
         # Micro-batched arrays [M, b, ...]: b over ('data', 'fsdp'); b is fixed for the run.
         spec = mesh_lib.logical_to_spec((None, "batch"), (1, layout.micro_batch), mesh)
         batch_sharding = NamedSharding(mesh, spec)
-        step_fn = make_train_step(graphdef, self.tx, cfg.loss, chunk_size=tcfg.loss_chunk_size)
+        step_fn = make_train_step(graphdef, self.tx, loss, chunk_size=tcfg.loss_chunk_size)
         self.train_step = jit_train_step(step_fn, self.param_shardings, self.opt_shardings,
                                          batch_sharding, mesh)
         self.logprobs = jax.jit(make_logprob_fn(graphdef, chunk_size=tcfg.loss_chunk_size),
@@ -231,7 +230,7 @@ def setup_run(cfg: Config) -> Run:
     mesh = mesh_lib.make_mesh(cfg.mesh)
     log.info("mesh: %s", mesh_lib.describe(mesh))
     shard = distributed.data_shard(mesh)
-    layout = BatchLayout.of(cfg, shard)
+    layout = BatchLayout.of(cfg.train, cfg.loss, shard)
     # Process 0 writes the run directory's shared files (tokenizer, synthetic data) first.
     tokenizer = _main_first(lambda: runs.load_run_tokenizer(cfg.model, cfg.data.source, run_dir),
                             "tokenizer")
@@ -246,12 +245,13 @@ def setup_run(cfg: Config) -> Run:
     with jax.set_mesh(mesh):
         abstract = nnx.eval_shape(lambda: _new_decoder(model_cfg))
         graphdef, abstract_state = nnx.split(abstract)
-        updates = UpdateFunctions(cfg, graphdef, nnx.to_pure_dict(abstract_state), mesh, layout)
+        updates = UpdateFunctions(cfg.train, cfg.loss, graphdef, nnx.to_pure_dict(abstract_state), mesh, layout)
     return Run(
         cfg=cfg, mesh=mesh, shard=shard, tokenizer=tokenizer, stop_ids=tuple(stop_ids), pad_id=pad_id,
         iterator=PromptIterator(examples, cfg.train.prompts_per_step, seed=cfg.data.seed,
                                 shuffle=cfg.data.shuffle),
-        eval_sets=_eval_sets(cfg, data, tokenizer), eval_protocol=_eval_protocol(cfg), layout=layout,
+        eval_sets=_eval_sets(cfg.eval, data, tokenizer),
+        eval_protocol=_eval_protocol(cfg.eval, cfg.data, cfg.train.reward_timeout), layout=layout,
         sampler=Sampler(cfg.sampler, stop_ids=stop_ids, pad_id=pad_id),
         pool=RewardPool(num_workers=cfg.train.reward_workers, timeout=cfg.train.reward_timeout),
         checkpointer=Checkpointer(run_dir, keep=cfg.train.keep_checkpoints),
@@ -274,10 +274,9 @@ def _write_run_files(cfg: Config, model_cfg, tokenizer, run_dir: str) -> None:
         tokenizer.save_pretrained(os.path.join(run_dir, runs.TOKENIZER_DIR))
 
 
-def _eval_sets(cfg: Config, data, tokenizer) -> dict[str, list[EvalItem]]:
+def _eval_sets(ecfg, data, tokenizer) -> dict[str, list[EvalItem]]:
     """The held-out split of the training source (`eval.split`, if it has one) and the
     benchmarks (`eval.benchmarks`), as evaluation items."""
-    ecfg = cfg.eval
     if not ecfg.every:
         return {}
     sets: dict[str, list[EvalItem]] = {}
@@ -294,11 +293,10 @@ def _eval_sets(cfg: Config, data, tokenizer) -> dict[str, list[EvalItem]]:
     return sets
 
 
-def _eval_protocol(cfg: Config) -> EvalProtocol:
-    ecfg = cfg.eval
-    return EvalProtocol(temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens or cfg.data.max_response_len,
+def _eval_protocol(ecfg, data, reward_timeout: float) -> EvalProtocol:
+    return EvalProtocol(temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens or data.max_response_len,
                         default_samples=ecfg.samples, samples=(), batch_size=ecfg.batch_size,
-                        template=cfg.data.template, reward_timeout=cfg.train.reward_timeout)
+                        template=data.template, reward_timeout=reward_timeout)
 
 
 def init_or_restore(run: Run) -> TrainState:
