@@ -1,4 +1,4 @@
-"""Command-line entry point: `srft-jax {train,eval,sample,convert,info,plot} ...`.
+"""Command-line entry point: `srft-jax {train,eval,sample,convert,info,plot,analyze} ...`.
 
 Each sub-command lives in `srft_jax/commands/<name>.py` with `add_arguments(parser)` and
 `run(args) -> int`; this file only parses and dispatches (imports are lazy so `--help` is fast).
@@ -18,6 +18,7 @@ COMMANDS = {
     "convert": "Convert an HF directory or GGUF file to an HF directory in a chosen dtype.",
     "info": "Print a model's architecture, parameter count and memory per dtype.",
     "plot": "Plot training curves of one or more runs.",
+    "analyze": "Token-probability changes of tuned models against their base (paper Section 3).",
 }
 
 

@@ -184,6 +184,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self):
+        # LUFFY's constant RL normaliser is the configured max response length unless set.
+        if self.loss.rl_normalizer == "constant" and self.loss.rl_norm_constant == 0:
+            object.__setattr__(self, "loss", dataclasses.replace(
+                self.loss, rl_norm_constant=float(self.data.max_response_len)))
+
     def replace(self, **sections) -> "Config":
         return dataclasses.replace(self, **sections)
 
