@@ -23,9 +23,11 @@ The sets (``SETS``; "step" = one ``a op b = c .`` line of the demonstration):
   ood_phrasing  the ``id`` problems phrased ``a + b - c = ?``: another phrasing, known to
                 the base in one-step form only.
 
-Splits are a hash of the expression (``expression_split``): ``test`` (10%), ``val`` (10%),
-``train`` (the rest), so a held-out expression is never seen in training or pretraining,
-whatever its phrasing.
+Multi-step problems have operands 1..9: with a 0 the answer of a shortcut (one step, an
+operand dropped) would often be right, and RL would learn the shortcut instead of the skill.
+One-step problems use 0..9. Splits are a hash of the expression (``expression_split``):
+``test`` (15%), ``val`` (15%), ``train`` (70%), so a held-out expression is never seen in
+training or pretraining, whatever its phrasing.
 """
 
 from __future__ import annotations
@@ -50,18 +52,20 @@ Problem = tuple[tuple[int, ...], tuple[str, ...]]
 
 
 def expression_split(operands: Sequence[int], ops: Sequence[str]) -> str:
-    """'test' (10%), 'val' (10%) or 'train' (80%), from a hash of the expression."""
+    """'test' (15%), 'val' (15%) or 'train' (70%), from a hash of the expression."""
     text = " ".join([str(operands[0])] + [f"{o} {x}" for o, x in zip(ops, operands[1:])])
     bucket = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") % 100
-    return "test" if bucket < 10 else "val" if bucket < 20 else "train"
+    return "test" if bucket < 15 else "val" if bucket < 30 else "train"
 
 
-def problems(op_patterns: Sequence[tuple[str, ...]], split: str | None = None) -> list[Problem]:
-    """Every problem with one of ``op_patterns`` whose running values stay in 0..9 (and,
-    when ``split`` is given, whose expression falls in that split), in a fixed order."""
+def problems(op_patterns: Sequence[tuple[str, ...]], split: str | None = None,
+             min_operand: int = 1) -> list[Problem]:
+    """Every problem with one of ``op_patterns`` and operands in ``min_operand``..9 whose
+    running values stay in 0..9 (and, when ``split`` is given, whose expression falls in
+    that split), in a fixed order."""
     out = []
     for ops in op_patterns:
-        for operands in itertools.product(range(MAX_VALUE + 1), repeat=len(ops) + 1):
+        for operands in itertools.product(range(min_operand, MAX_VALUE + 1), repeat=len(ops) + 1):
             if all(0 <= v <= MAX_VALUE for v in running_values(operands, ops)):
                 if split is None or expression_split(operands, ops) == split:
                     out.append((operands, tuple(ops)))
@@ -98,7 +102,7 @@ def pretrain_rows(n: int, seed: int, hard_fraction: float) -> list[dict]:
     if not 0.0 <= hard_fraction <= 1.0:
         raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction}")
     rng = random.Random(f"pretrain:{seed}")
-    easy = [(p, t) for p in problems(_patterns(1, "+-*")) for t in (WHAT, EQUALS)]
+    easy = [(p, t) for p in problems(_patterns(1, "+-*"), min_operand=0) for t in (WHAT, EQUALS)]
     hard = [(p, WHAT) for p in problems(_patterns(2), "train")]
     easy_stream, hard_stream = _cycle(easy, rng), _cycle(hard, rng)
     chosen = [next(hard_stream) if rng.random() < hard_fraction else next(easy_stream) for _ in range(n)]
