@@ -2,7 +2,7 @@
 (Section 3), in miniature, from a pretrained base, on a CPU.
 
     python benchmarks/mini_table2.py --out runs/mini_table2              # full run, 3 seeds
-    python benchmarks/mini_table2.py --out runs/mini_quick --quick       # 1 seed, no LR search
+    python benchmarks/mini_table2.py --out runs/mini_quick --quick       # 1 seed, the full run's LRs
     python benchmarks/mini_table2.py --out /tmp/mini_smoke --smoke       # machinery check (CI)
 
 1. World and base (`srft_jax.data.mini_world`, cached in `--cache`, reused by every method
@@ -15,7 +15,8 @@
    ablations `srft_fixed_wsft` (w_sft = 1) and `srft_fixed_wrl` (w_rl = 1) of `srft_paper`.
 3. Learning rate: every method trains once per value of `Budget.lrs` (seed 0); the value
    with the best validation accuracy (temperature 0.6, avg@k, the `val` split: never a
-   test set) is kept, and seeds 1.. train with it.
+   test set) is kept, and seeds 1.. train with it. `--quick` skips the search and trains
+   one seed at the LRs the full run chose (`FULL_RUN_LRS`).
 4. Evaluation with the project's harness (`srft_jax.evaluation.evaluate`) on the in- and
    out-of-distribution sets, greedy and temperature 0.6 with avg@k.
 5. Outputs in `--out`: `results.json` (the shape of issue 12), `table.md` (Table 2 layout,
@@ -49,6 +50,13 @@ import mini_table2_report as report  # noqa: E402
 log = logging.getLogger("mini_table2")
 
 
+# The decoder of the demo (0.4M parameters); prompts and responses fit 24 tokens.
+MODEL = dict(preset="tiny", hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
+             num_kv_heads=2, max_position_embeddings=64)
+MAX_LEN = 24
+TEMPLATE = dict(system_prompt="", think_prefix="<think>")
+
+
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """What every method gets (and the base's pretraining)."""
@@ -58,20 +66,26 @@ class Budget:
     rollouts_per_prompt: int    # rollouts per prompt for every method that samples
     updates_per_step: int       # optimiser updates per step (equal shares of the prompts)
     lrs: tuple[float, ...]      # the learning-rate search, the same for every method
+                                # (empty: FULL_RUN_LRS, the full run's choices)
     seeds: int                  # training seeds (data order and sampling) at the chosen LR
     eval_limit: int             # problems per held-out set
     eval_samples: int           # k of avg@k at temperature 0.6
     pretrain_steps: int
     pretrain_prompts: int       # prompts per pretraining step
     hard_fraction: float        # share of two-step problems in the pretraining mixture
+    model: dict = dataclasses.field(default_factory=lambda: dict(MODEL))  # the decoder's sizes
 
 
 FULL = Budget(steps=50, prompts_per_step=16, rollouts_per_prompt=7, updates_per_step=2,
-              lrs=(3e-5, 1e-4, 3e-4), seeds=3, eval_limit=120, eval_samples=4,
+              lrs=(3e-5, 1e-4, 3e-4, 1e-3), seeds=3, eval_limit=120, eval_samples=4,
               pretrain_steps=300, pretrain_prompts=64, hard_fraction=0.015)
-QUICK = dataclasses.replace(FULL, lrs=(1e-4,), seeds=1)
-SMOKE = dataclasses.replace(FULL, steps=2, lrs=(3e-4,), seeds=1, eval_limit=4, eval_samples=2,
-                            pretrain_steps=2, pretrain_prompts=16)
+# --quick: one seed, no search; every method at the LR the full run's search chose.
+QUICK = dataclasses.replace(FULL, lrs=(), seeds=1)
+FULL_RUN_LRS = {"sft": 3e-4, "grpo": 3e-5, "sft_grpo": 1e-4, "luffy": 1e-4, "srft_paper": 3e-4,
+                "srft_official": 3e-4, "srft_fixed_wsft": 3e-4, "srft_fixed_wrl": 3e-4}
+SMOKE = dataclasses.replace(FULL, steps=2, prompts_per_step=4, rollouts_per_prompt=3, lrs=(3e-4,),
+                            seeds=1, eval_limit=4, eval_samples=2, pretrain_steps=2, pretrain_prompts=4,
+                            model={**MODEL, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1})
 
 # method -> (loss preset, switches) per stage; sft_grpo has two stages.
 METHODS: dict[str, tuple[tuple[str, dict], ...]] = {
@@ -85,19 +99,14 @@ METHODS: dict[str, tuple[tuple[str, dict], ...]] = {
     "srft_fixed_wrl": (("paper", {"rl_weight_sign": "none", "rl_coef": 1.0}),),
 }
 ANALYSIS_MODELS = ("sft", "grpo", "srft_paper", "srft_official")
-# The decoder of the demo (0.4M parameters); prompts and responses fit 24 tokens.
-MODEL = dict(preset="tiny", hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
-             num_kv_heads=2, max_position_embeddings=64)
-MAX_LEN = 24
-TEMPLATE = dict(system_prompt="", think_prefix="<think>")
 
 
 # ---- every config key the benchmark sets, in one place --------------------------------------
 def config_overrides(run_dir: str, data_dir: str, tokenizer_dir: str, *, loss: dict, steps: int,
                      prompts: int, rollouts: int, updates: int, lr: float, seed: int,
-                     init: Optional[str], schedule: str = "constant") -> list[str]:
+                     init: Optional[str], model: dict, schedule: str = "constant") -> list[str]:
     """Dotted overrides of the default config for one training run (port here when config
-    keys move). `init`: a run directory to start from (None = random weights, MODEL)."""
+    keys move). `init`: a run directory to start from (None = random weights of `model`)."""
     group = rollouts + (1 if loss["preset"] != "grpo" else 0)
     out = [f"model.tokenizer={tokenizer_dir}", f"data.source={data_dir}",
            f"data.max_prompt_len={MAX_LEN}", f"data.max_response_len={MAX_LEN}",
@@ -112,7 +121,7 @@ def config_overrides(run_dir: str, data_dir: str, tokenizer_dir: str, *, loss: d
            f"train.checkpoint_every={steps}", "train.keep_checkpoints=1", "train.export_hf=false",
            "train.tensorboard=false", "train.progress_bar=false", "train.reward_workers=1",
            "eval.every=0"]
-    out += [f"model.path={init}"] if init else [f"model.{k}={v}" for k, v in MODEL.items()]
+    out += [f"model.path={init}"] if init else [f"model.{k}={v}" for k, v in model.items()]
     return out + [f"loss.{k}={v}" for k, v in loss.items()]
 
 
@@ -193,7 +202,8 @@ def train_run(run_dir: str, data_dir: str, tokenizer_dir: str, *, loss: dict, st
     cfg = load_config(None, config_overrides(
         run_dir, data_dir, tokenizer_dir, loss=loss, steps=steps,
         prompts=prompts or budget.prompts_per_step, rollouts=rollouts,
-        updates=budget.updates_per_step, lr=lr, seed=seed, init=init, schedule=schedule))
+        updates=budget.updates_per_step, lr=lr, seed=seed, init=init, model=budget.model,
+        schedule=schedule))
     log.info("training %s (%s, lr %g, seed %d, %d steps)", run_dir, loss, lr, seed, steps)
     train.train(cfg)
 
@@ -231,7 +241,7 @@ def prepare(cache: str, budget: Budget) -> tuple[Paths, dict]:
 
     key = {"world": _source_hash(mini_world), "eval_limit": budget.eval_limit, "hard_fraction": budget.hard_fraction,
            "pretrain_steps": budget.pretrain_steps, "pretrain_prompts": budget.pretrain_prompts,
-           "model": MODEL}
+           "model": budget.model}
     root = os.path.join(cache, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12])
     world_dir = os.path.join(root, "world")
     marker = os.path.join(world_dir, "paths.json")
@@ -294,7 +304,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output directory")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="1 seed, fewer steps, no LR search")
+    mode.add_argument("--quick", action="store_true",
+                      help="1 seed, no LR search: the LRs the full run's search chose")
     mode.add_argument("--smoke", action="store_true", help="a few steps of everything (CI)")
     parser.add_argument("--seeds", type=int, default=None, help="training seeds at the chosen LR")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the mode's)")
@@ -332,7 +343,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     search = [Job(m, lr, 0, ("val",)) for m in methods for lr in budget.lrs]
     search_records = run_all(search, paths, budget, args.workers) if len(budget.lrs) > 1 else []
-    chosen = report.choose_lrs(search_records, methods, budget.lrs)
+    chosen = (report.choose_lrs(search_records, methods, budget.lrs) if budget.lrs
+              else {m: FULL_RUN_LRS[m] for m in methods})
     timings["lr_search_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     final = [Job(m, chosen[m], s, ("val",) + EVAL_SETS) for s in range(budget.seeds) for m in methods]

@@ -110,7 +110,7 @@ def ablation_table(results: dict) -> str:
 
 def lr_table(search: list[dict], chosen: dict, lrs: Sequence[float]) -> str:
     if not search:
-        return f"No search: every method trained with lr {lrs[0]:g}.\n"
+        return "No search; the LRs: " + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()) + ".\n"
     lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
              "|---" * (len(lrs) + 2) + "|"]
     for m, lr_best in chosen.items():

@@ -139,10 +139,11 @@ class SRFTLossConfig:
         the configured max response length L_max (data.max_response_length = 8192 there).
         Relation: 'constant' = 'batch_tmax' * B_rl * T_max / L_max, i.e. the same sum of
         token terms, scaled per batch by how many sequences it has and how long the longest
-        is; with Adam a constant scale changes little beyond grad clipping and eps, but the
-        per-batch scale of 'batch_tmax' and 'token_mean' does. (verl's gradient
-        accumulation and data-parallel averaging multiply LUFFY's loss by a further
-        constant, which this switch leaves out.) The SRFT paper is silent.
+        is. Adam undoes a constant factor on the whole loss (up to eps and grad clipping),
+        not on one term: next to the SFT term (a token mean) the normaliser sets the weight
+        of RL against SFT. (verl's gradient accumulation and data-parallel averaging
+        multiply LUFFY's loss by a further constant, which this switch leaves out.) The
+        SRFT paper is silent.
       rl_norm_constant: L_max of rl_normalizer='constant' (> 0 when it is used); a training
         config leaves it at 0 and gets `data.max_response_len`.
       entropy_coef: c in loss = L_sft + L_rl - c * mean(h) (paper 0; public scripts 0.001);
