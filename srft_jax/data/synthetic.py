@@ -7,6 +7,8 @@ paper's format, continuing the prompt's ``<think>``::
     3 + 5 = 8 . 8 - 2 = 6 . </think> \\boxed{6}
 
 Rows are written in the OpenR1-Math-46k-8192 layout, so the real-data loader reads them.
+``render_problem`` also renders ``*`` and other question phrasings, for the harder world of
+``srft_jax.data.mini_world``.
 The held-out split is disjoint from the training split by construction: every problem is
 assigned to "train" or "test" by a hash of its text. ``max_value`` bounds every running
 value (9: each number is one token, the demo's task); training rows draw 2 and 3 operands
