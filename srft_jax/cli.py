@@ -1,4 +1,4 @@
-"""Command-line entry point: `srft-jax {train,eval,sample,convert,data,info,plot} ...`.
+"""Command-line entry point: `srft-jax {train,eval,sample,convert,data,info,plot,analyze} ...`.
 
 Each sub-command lives in `srft_jax/commands/<name>.py` with `add_arguments(parser)` and
 `run(args) -> int`; this file only parses and dispatches (imports are lazy so `--help` is fast).
@@ -23,6 +23,7 @@ COMMANDS = {
     "data": "Data tools: `data convert SRC DEST --format tfds` writes a TFDS dataset directory.",
     "info": "Print a model's architecture, parameter count and memory per dtype.",
     "plot": "Plot training curves of one or more runs.",
+    "analyze": "Token-probability changes of tuned models against their base (paper Section 3).",
 }
 
 

@@ -209,6 +209,10 @@ class Config:
     def __post_init__(self):
         derived = {name: get(self.data) for name, (_, get) in DERIVED_SAMPLER_FIELDS.items()}
         object.__setattr__(self, "sampler", dataclasses.replace(self.sampler, **derived))
+        # LUFFY's constant RL normaliser is the configured max response length unless set.
+        if self.loss.rl_normalizer == "constant" and self.loss.rl_norm_constant == 0:
+            object.__setattr__(self, "loss", dataclasses.replace(
+                self.loss, rl_norm_constant=float(self.data.max_response_len)))
 
     def replace(self, **sections) -> "Config":
         return dataclasses.replace(self, **sections)

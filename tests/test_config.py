@@ -45,6 +45,19 @@ def test_overrides_apply_and_preset_switches_follow_the_preset(tmp_path):
     assert cfg.loss.sft_weight_sign == "pos" and cfg.loss.entropy_coef == 0.0
 
 
+def test_constant_rl_normaliser_takes_the_max_response_length(tmp_path):
+    """LUFFY's loss_remove_token_mean=True divides by data.max_response_length: a training
+    config fills it in unless the constant is given; the saved config reloads the same."""
+    cfg = load_config(resolve_config_path("demo"), ["loss.rl_normalizer=constant", "data.max_response_len=24"])
+    assert cfg.loss.rl_normalizer == "constant" and cfg.loss.rl_norm_constant == 24.0
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(cfg))
+    assert load_config(str(saved)) == cfg
+    cfg = load_config(None, ["loss.preset=luffy", "loss.rl_normalizer=constant", "loss.rl_norm_constant=8192"])
+    assert cfg.loss.rl_norm_constant == 8192.0
+    assert load_config(None).loss.rl_norm_constant == 0.0  # unused by the default token mean
+
+
 @pytest.mark.parametrize("override, expected", [
     ("train.lrr=1", "train.lrr"),
     ("train.optim.lr=abc", "train.optim.lr"),

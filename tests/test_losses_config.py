@@ -23,6 +23,7 @@ PAPER = dict(
     adv_eps=1e-6,
     adv_stats="group",
     rl_normalizer="token_mean",
+    rl_norm_constant=0.0,  # unset: a training config fills in data.max_response_len
     entropy_coef=0.0,
 )
 EXPECTED = {
@@ -111,6 +112,7 @@ def test_frozen_and_hashable():
         ({"onpolicy_form": "ppo"}, "onpolicy_form"),
         ({"adv_stats": "all"}, "adv_stats"),
         ({"rl_normalizer": "seq_mean"}, "rl_normalizer"),
+        ({"rl_norm_constant": -1.0}, "rl_norm_constant"),
         ({"use_sft": False, "use_demo_rl": False, "use_onpolicy_rl": False}, "no term"),
     ],
 )

@@ -53,6 +53,8 @@ def np_srft(lp, h, batch, cfg):
 
     if cfg.rl_normalizer == "token_mean":
         norm = len(rl_set)
+    elif cfg.rl_normalizer == "constant":  # LUFFY, loss_remove_token_mean=True: sum / L_max
+        norm = cfg.rl_norm_constant
     else:
         lengths = {}
         for b, _ in rl_set:
@@ -217,6 +219,9 @@ CASES = [(p, {}) for p in PRESET_NAMES] + [
     ("grpo", {"use_clip": False}),
     ("luffy", {"use_clip": True}),
     ("sft", {"sft_weight_sign": "neg", "sft_coef": 0.5}),
+    # LUFFY's loss_remove_token_mean=True (appended: earlier cases keep their seeds).
+    ("paper", {"rl_normalizer": "constant", "rl_norm_constant": 8192.0}),
+    ("luffy", {"rl_normalizer": "constant", "rl_norm_constant": 12.0}),
 ]
 
 
@@ -385,7 +390,8 @@ def test_config_is_a_static_jit_argument():
 
 
 @pytest.mark.parametrize(
-    "preset,overrides", [("paper", {}), ("official", {"rl_normalizer": "batch_tmax"}), ("grpo", {}), ("sft", {})]
+    "preset,overrides", [("paper", {}), ("official", {"rl_normalizer": "batch_tmax"}), ("grpo", {}), ("sft", {}),
+                         ("luffy", {"rl_normalizer": "constant", "rl_norm_constant": 8192.0})]
 )
 def test_micro_batches_with_whole_batch_normalizers_sum_to_the_batch(preset, overrides):
     """Gradient accumulation: micro-batch losses with the mini-batch's normalisers add up."""
@@ -406,3 +412,16 @@ def test_micro_batches_with_whole_batch_normalizers_sum_to_the_batch(preset, ove
     assert_close(total, full_loss, "sum of micro-batch losses")
     for idx, g in grads:
         np.testing.assert_allclose(g, np.asarray(full_g)[idx], rtol=1e-6)
+
+
+def test_constant_normaliser_ignores_the_batch_and_needs_its_constant():
+    """LUFFY's loss_remove_token_mean=True: the RL sum over L_max whatever the batch holds;
+    halving the batch halves the RL term (a token mean would not change)."""
+    cfg = SRFTLossConfig(preset="luffy", rl_normalizer="constant", rl_norm_constant=8192.0)
+    lp, h, batch = make_batch(seed=14)
+    assert float(loss_normalizers(batch, cfg)["rl"]) == 8192.0
+    keep = np.arange(lp.shape[0]) < lp.shape[0] // 2
+    half = {k: np.asarray(v)[keep] for k, v in batch.items()}
+    assert float(loss_normalizers(half, cfg)["rl"]) == 8192.0
+    with pytest.raises(ValueError, match="rl_norm_constant"):
+        loss_normalizers(batch, SRFTLossConfig(preset="luffy", rl_normalizer="constant"))

@@ -7,6 +7,8 @@ paper's format, continuing the prompt's ``<think>``::
     3 + 5 = 8 . 8 - 2 = 6 . </think> \\boxed{6}
 
 Rows are written in the OpenR1-Math-46k-8192 layout, so the real-data loader reads them.
+``render_problem`` also renders ``*`` and other question phrasings, for the harder world of
+``srft_jax.data.mini_world``.
 The held-out split is disjoint from the training split by construction: every problem is
 assigned to "train" or "test" by a hash of its text. ``max_value`` bounds every running
 value (9: each number is one token, the demo's task); training rows draw 2 and 3 operands
@@ -118,24 +120,34 @@ def problem_split(question: str, test_percent: int = 10) -> str:
     return "test" if int.from_bytes(digest[:4], "big") % 100 < test_percent else "train"
 
 
-def _render(operands: tuple[int, ...], ops: tuple[str, ...]) -> tuple[str, str, int]:
-    """(question, demonstration, answer) for one problem."""
-    expression = str(operands[0]) + "".join(f" {op} {x}" for op, x in zip(ops, operands[1:]))
-    steps = []
-    value = operands[0]
+OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+QUESTION_TEMPLATE = "What is {expression} ?"
+
+
+def running_values(operands: tuple[int, ...], ops: tuple[str, ...]) -> list[int]:
+    """The values after each operand, evaluated left to right (``+``, ``-``, ``*``)."""
+    values = [operands[0]]
     for op, x in zip(ops, operands[1:]):
-        new = value + x if op == "+" else value - x
-        steps.append(f"{value} {op} {x} = {new} .")
-        value = new
-    question = f"What is {expression} ?"
-    demo = " ".join(steps) + f" {THINK_CLOSE} \\boxed{{{value}}}"
-    return question, demo, value
+        values.append(OPERATIONS[op](values[-1], x))
+    return values
 
 
-def _row(question: str, demo: str, answer: int, split: str, index: int,
-         system_prompt: str) -> dict:
+def render_problem(operands: tuple[int, ...], ops: tuple[str, ...],
+                   question_template: str = QUESTION_TEMPLATE) -> tuple[str, str, int]:
+    """(question, demonstration, answer) for one problem, evaluated left to right; the
+    question is ``question_template`` with ``{expression}`` (e.g. ``3 + 5 - 2``) filled in."""
+    expression = str(operands[0]) + "".join(f" {op} {x}" for op, x in zip(ops, operands[1:]))
+    values = running_values(operands, ops)
+    steps = [f"{a} {op} {x} = {b} ." for a, op, x, b in zip(values, ops, operands[1:], values[1:])]
+    demo = " ".join(steps) + f" {THINK_CLOSE} \\boxed{{{values[-1]}}}"
+    return question_template.format(expression=expression), demo, values[-1]
+
+
+def make_row(question: str, demo: str, answer: int, split: str, index: int,
+             system_prompt: str, data_source: str = DATA_SOURCE) -> dict:
+    """One row in the OpenR1-Math-46k-8192 layout."""
     return {
-        "data_source": DATA_SOURCE,
+        "data_source": data_source,
         "prompt": [
             {"role": "system", "content": system_prompt},
             {"role": "user", "content": USER_TEMPLATE.format(question=question)},
@@ -180,7 +192,7 @@ def generate_problems(
         raise ValueError(f"test_percent must be in [0, 100], got {test_percent}")
     pools: dict[int, list[tuple[str, str, int]]] = {}
     for operands, ops in _all_problems(min_operands, max_operands, max_operand, max_value):
-        question, demo, answer = _render(operands, ops)
+        question, demo, answer = render_problem(operands, ops)
         if problem_split(question, test_percent) == split:
             pools.setdefault(len(operands) if balance_operands else 0, []).append((question, demo, answer))
     if n and not pools:
@@ -198,7 +210,7 @@ def generate_problems(
         streams = {count: _cycle_shuffled(pool, rng) for count, pool in sorted(pools.items())}
         counts = sorted(streams)
         chosen = [next(streams[rng.choice(counts)]) for _ in range(n)]
-    return [_row(q, d, a, split, i, system_prompt) for i, (q, d, a) in enumerate(chosen)]
+    return [make_row(q, d, a, split, i, system_prompt) for i, (q, d, a) in enumerate(chosen)]
 
 
 def _cycle_shuffled(pool: list, rng: random.Random):

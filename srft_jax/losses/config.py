@@ -17,7 +17,7 @@ WEIGHT_SIGNS = ("neg", "pos", "none")
 ENTROPY_GRANULARITIES = ("token", "sequence")
 ONPOLICY_FORMS = ("reinforce", "ratio", "ratio_reweighted")
 ADV_STATS = ("group", "onpolicy")
-RL_NORMALIZERS = ("token_mean", "batch_tmax")
+RL_NORMALIZERS = ("token_mean", "batch_tmax", "constant")
 
 # Values of every switch under the paper preset; the other presets list only what differs.
 _PAPER = {
@@ -38,6 +38,7 @@ _PAPER = {
     "adv_eps": 1e-6,
     "adv_stats": "group",
     "rl_normalizer": "token_mean",
+    "rl_norm_constant": 0.0,
     "entropy_coef": 0.0,
 }
 _PRESET_DIFFS = {
@@ -128,9 +129,23 @@ class SRFTLossConfig:
       adv_stats: members whose rewards give mean/std: 'group' = the augmented group
         (rollouts + demonstrations, Eq. 6), 'onpolicy' = rollouts only (LUFFY code).
       rl_normalizer: denominator of the RL term: 'token_mean' = number of tokens that
-        receive an RL term (GRPO/LUFFY); 'batch_tmax' = B_rl * T_max (Dr.GRPO), B_rl the
-        number of sequences with at least one RL token and T_max the longest of their
-        response lengths (not the padded width, so padding changes nothing).
+        receive an RL term (GRPO; LUFFY's code with loss_remove_token_mean=False);
+        'batch_tmax' = B_rl * T_max (Dr.GRPO), B_rl the number of sequences with at least
+        one RL token and T_max the longest of their response lengths (not the padded width,
+        so padding changes nothing); 'constant' = `rl_norm_constant`, a number that does
+        not depend on the batch at all: LUFFY's public code with loss_remove_token_mean=True
+        (set in all its training scripts: LUFFY, on-policy RL, RL + SFT loss, SFT -> RL)
+        divides the summed RL token terms by the padded response width, which in verl is
+        the configured max response length L_max (data.max_response_length = 8192 there).
+        Relation: 'constant' = 'batch_tmax' * B_rl * T_max / L_max, i.e. the same sum of
+        token terms, scaled per batch by how many sequences it has and how long the longest
+        is. Adam undoes a constant factor on the whole loss (up to eps and grad clipping),
+        not on one term: next to the SFT term (a token mean) the normaliser sets the weight
+        of RL against SFT. (verl's gradient accumulation and data-parallel averaging
+        multiply LUFFY's loss by a further constant, which this switch leaves out.) The
+        SRFT paper is silent.
+      rl_norm_constant: L_max of rl_normalizer='constant' (> 0 when it is used); a training
+        config leaves it at 0 and gets `data.max_response_len`.
       entropy_coef: c in loss = L_sft + L_rl - c * mean(h) (paper 0; public scripts 0.001);
         the mean runs over the response tokens of every sequence that receives some term.
 
@@ -163,6 +178,7 @@ class SRFTLossConfig:
     adv_eps: Optional[float] = None
     adv_stats: Optional[str] = None
     rl_normalizer: Optional[str] = None
+    rl_norm_constant: Optional[float] = None
     entropy_coef: Optional[float] = None
 
     def __post_init__(self):
@@ -189,6 +205,7 @@ class SRFTLossConfig:
         _check_range("clip_eps", self.clip_eps, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
         _check_range("adv_eps", self.adv_eps, lo=0.0)
         _check_range("entropy_coef", self.entropy_coef, lo=0.0)
+        _check_range("rl_norm_constant", self.rl_norm_constant, lo=0.0)
         if not (self.use_sft or self.use_demo_rl or self.use_onpolicy_rl):
             raise ValueError(
                 "SRFTLossConfig: use_sft, use_demo_rl and use_onpolicy_rl are all False; "

@@ -97,8 +97,9 @@ def loss_normalizers(batch, config: SRFTLossConfig) -> dict[str, jax.Array]:
     """Denominators of the loss terms of `batch` (float32 scalars):
 
       sft      number of demonstration tokens receiving the SFT term;
-      rl       RL denominator (`config.rl_normalizer`): tokens receiving an RL term, or
-               B_rl * T_max over the sequences that receive one;
+      rl       RL denominator (`config.rl_normalizer`): tokens receiving an RL term,
+               B_rl * T_max over the sequences that receive one, or the constant
+               `config.rl_norm_constant` (LUFFY's L_max);
       entropy  number of tokens of sequences receiving some term (entropy-bonus mean).
     Reads only `response_mask` and `is_demo`.
     """
@@ -107,6 +108,11 @@ def loss_normalizers(batch, config: SRFTLossConfig) -> dict[str, jax.Array]:
     m_rl = m_demo_rl + m_onp
     if config.rl_normalizer == "token_mean":
         rl = jnp.sum(m_rl)
+    elif config.rl_normalizer == "constant":
+        if not config.rl_norm_constant > 0:
+            raise ValueError("SRFTLossConfig.rl_norm_constant must be > 0 with rl_normalizer='constant' "
+                             "(LUFFY: the max response length, e.g. 8192)")
+        rl = jnp.asarray(config.rl_norm_constant, jnp.float32)
     else:
         lengths = jnp.sum(m_rl, axis=-1)  # [B]
         rl = jnp.sum(lengths > 0).astype(jnp.float32) * jnp.max(lengths, initial=0.0)
