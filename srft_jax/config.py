@@ -77,7 +77,8 @@ class TrainConfig:
     updates_per_step: optimiser updates per step, each on an equal share of the prompts
       (paper: 2 updates of 64 prompts).
     micro_batch_size: sequences per forward/backward; gradients accumulate over micro-batches.
-    sample_chunk_prompts: prompts sampled in one sampler call (0 = all); bounds KV-cache memory.
+    sample_chunk_prompts: retired (must stay 0): the loop samples a step's prompts in one
+      sampler call, and `sampler.decode_slots` bounds the rows decoded at once (KV-cache memory).
     rollout_temperature: sampling temperature of the rollouts (paper: 1.0).
     loss_chunk_size: sequence chunk of the memory-bounded log-prob/entropy computation.
     recompute_old_logprobs: recompute `old_logprobs` with a forward pass of the training model
@@ -121,8 +122,10 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
-        if self.sample_chunk_prompts < 0:
-            raise ValueError(f"train.sample_chunk_prompts must be >= 0, got {self.sample_chunk_prompts}")
+        if self.sample_chunk_prompts:
+            raise ValueError(f"train.sample_chunk_prompts={self.sample_chunk_prompts} is retired: a step's "
+                             f"prompts are sampled in one call; set sampler.decode_slots (rows decoded at "
+                             f"once) to bound KV-cache memory instead")
         if self.rollouts_per_prompt < 0:
             raise ValueError(f"train.rollouts_per_prompt must be >= 0, got {self.rollouts_per_prompt}")
         if self.prompts_per_step % self.updates_per_step:

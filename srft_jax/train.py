@@ -308,26 +308,20 @@ def train(cfg: Config) -> TrainResult:
                 # Sums over this process's rows, summed over data shards below.
                 sums = dict.fromkeys(("reward", "length", "truncated", "rollouts", "demo_reward"), 0.0)
 
-                # 1. Rollouts from the current policy (one global sampler call per chunk).
+                # 1. Rollouts from the current policy: one global sampler call for the step's
+                # prompts (sampler.decode_slots bounds the rows decoded at once).
                 rollout_ids: list[list[list[int]]] = [[] for _ in prompts]
                 rollout_rewards: list[list[float]] = [[] for _ in prompts]
                 # The sampler's temperature-1 log-probs: `old_logprobs` unless recomputed.
                 rollout_old: list[list[np.ndarray]] = [[] for _ in prompts]
                 if n_roll:
-                    chunk = -(-(tcfg.sample_chunk_prompts or len(step_prompts)) // shard.count)
-                    outs = []
-                    for c0 in range(0, len(prompts), chunk):
-                        part = prompts[c0:c0 + chunk]
-                        p_tok, p_mask = left_pad([e.prompt_ids for e in part], p_width, pad_id)
-                        outs.append(sampler.generate(
-                            model, p_tok, p_mask, num_samples=n_roll, seed=_step_seed(tcfg.seed, step),
-                            prompt_ids=prompt_index[c0:c0 + len(part)],
-                            temperature=tcfg.rollout_temperature, max_new_tokens=cfg.data.max_response_len,
-                            mesh=mesh))
-                    out_tokens = [o.tokens[r] for o in outs for r in range(o.tokens.shape[0])]
-                    out_raw = [o.raw_logprobs[r] for o in outs for r in range(o.tokens.shape[0])]
-                    out_lengths = np.concatenate([o.lengths for o in outs])
-                    out_stopped = np.concatenate([o.finished_by_stop for o in outs])
+                    p_tok, p_mask = left_pad([e.prompt_ids for e in prompts], p_width, pad_id)
+                    out = sampler.generate(
+                        model, p_tok, p_mask, num_samples=n_roll, seed=_step_seed(tcfg.seed, step),
+                        prompt_ids=prompt_index, temperature=tcfg.rollout_temperature,
+                        max_new_tokens=cfg.data.max_response_len, mesh=mesh)
+                    out_tokens, out_raw = out.tokens, out.raw_logprobs
+                    out_lengths, out_stopped = out.lengths, out.finished_by_stop
                     texts = []
                     for row in range(len(prompts) * n_roll):
                         ids = out_tokens[row][:out_lengths[row]].tolist()

@@ -53,6 +53,8 @@ def test_overrides_apply_and_preset_switches_follow_the_preset(tmp_path):
     ("mesh.fsdp=0", "mesh.fsdp"),
     ("model.dtype=int8", "model.dtype"),
     ("nosuchsection.x=1", "nosuchsection"),
+    ("train.sample_chunk_prompts=32", "sampler.decode_slots"),  # retired, names its replacement
+    ("sampler.decode_slots=-1", "sampler.decode_slots"),
 ])
 def test_bad_values_name_the_key_and_the_file(override, expected):
     path = resolve_config_path("demo")

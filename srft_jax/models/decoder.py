@@ -14,7 +14,7 @@ Masks and positions: `mask[B,T]` is 1 on real tokens (left padding is 0). Positi
 A key slot is visible to a query iff it holds a real token and is not in the query's future
 (`models/attention.py`: the one attention implementation, shared with the sampler's decode step).
 
-The KV cache (`KVCache`) holds `k, v [L,B,K,S,H]`, `valid bool[B,S]` (slot holds a real token)
+The KV cache (`KVCache`) holds keys `k [L,B,K,H,S]`, values `v [L,B,K,S,H]`, `valid bool[B,S]` (slot holds a real token)
 and `index` (next slot to write; all rows advance together, so left-padded prompts decode in
 lockstep). `decode` writes the T new keys/values at `[index, index+T)` and returns the new cache.
 """
@@ -158,8 +158,12 @@ class Attention(nnx.Module):
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def output(self, attended: jax.Array) -> jax.Array:
-        """[B,T,N,H] attention outputs -> [B,T,D]."""
-        return jnp.einsum("BTNH,NHD->BTD", attended, self.o_proj.kernel[...].astype(attended.dtype))
+        """[B,T,N,H] attention outputs -> [B,T,D]. Heads and head dim are contracted as one
+        merged dim F = N*H: XLA then lays out the (small) activation to match the kernel,
+        instead of transposing the kernel (on every decode step, on CPU)."""
+        b, t, n, h = attended.shape
+        kernel = self.o_proj.kernel[...].astype(attended.dtype).reshape(n * h, -1)  # [F, D]
+        return jnp.einsum("BTF,FD->BTD", attended.reshape(b, t, n * h), kernel)
 
     def __call__(self, x, positions, inv_freq, attend):
         """x [B,T,D], positions [B,T]; attend(q [B,T,N,H], k, v [B,T,K,H]) -> (outputs
@@ -212,7 +216,8 @@ class Block(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Per-layer keys/values [L,B,K,S,H], slot validity [B,S] and the next write slot []."""
+    """Per-layer keys [L,B,K,H,S] and values [L,B,K,S,H] (the layouts `attention` reads), slot
+    validity [B,S] and the next write slot []."""
 
     k: jax.Array
     v: jax.Array
@@ -221,7 +226,13 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.v.shape[3]
+
+
+def project_logits(hidden: jax.Array, unembedding: jax.Array) -> jax.Array:
+    """float32 logits [B,T,V] from final hidden states [B,T,D] and the output projection [D,V]."""
+    out = jnp.einsum("BTD,DV->BTV", hidden, unembedding.astype(hidden.dtype), preferred_element_type=F32)
+    return mesh_lib.constrain(out, ("batch", "seq", "vocab"))
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -251,15 +262,13 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits [B,T,V] from final hidden states [B,T,D]."""
-        w = self.unembedding().astype(hidden.dtype)
-        out = jnp.einsum("BTD,DV->BTV", hidden, w, preferred_element_type=F32)
-        return mesh_lib.constrain(out, ("batch", "seq", "vocab"))
+        return project_logits(hidden, self.unembedding())
 
     def init_cache(self, batch: int, max_len: int, dtype: Optional[str] = None) -> KVCache:
         cfg = self.config
         dt = dtype_of(dtype or cfg.dtype)
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt),
+        l, k, h = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+        return KVCache(jnp.zeros((l, batch, k, h, max_len), dt), jnp.zeros((l, batch, k, max_len, h), dt),
                        jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
     # ---- forward ---------------------------------------------------------------------------
@@ -293,11 +302,12 @@ class Decoder(nnx.Module):
             block = nnx.merge(block_def, layer_state)
 
             def attend(q, k, v):
-                k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, T, H]
+                k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,H,T], [B,K,T,H]
                 if layer_cache is None:
                     return attention(q, k, v, q_slot, kv_mask), None
-                ck, cv = (jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), index, axis=2)
-                          for c, new in zip(layer_cache, (k, v)))
+                ck, cv = layer_cache
+                ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=3)
+                cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=2)
                 return attention(q, ck, cv, q_slot, kv_mask), (ck, cv)
 
             return block(carry, positions, inv_freq, attend)

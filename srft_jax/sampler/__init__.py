@@ -15,8 +15,8 @@ the other prompts in the batch, on the number of slots, or on where the row sits
 token, its log-prob under the distribution it was drawn from (temperature and top-k/top-p
 applied; 0 for greedy) and under the raw model (temperature 1, no filtering).
 
-Public API: `Sampler`, `SamplerConfig`, `SampleOutput`, `SamplerStats`, the strategies and
-`make_strategy`; for benchmarks and memory analysis, the programs `prefill` / `decode` with their
+Public API: `Sampler`, `SamplerConfig`, `SampleOutput`, `SamplerStats`, the strategies,
+`make_strategy` and `draw`; for benchmarks and memory analysis, the programs `prefill` / `decode` with their
 static specs `PrefillSpec` / `DecodeSpec`, and the step pieces `decode_model`, `decode_step`,
 `empty_cache`, `block_sizes`, `write_kv`, `SlotCache`.
 """
@@ -26,11 +26,11 @@ from srft_jax.sampler.engine import SampleOutput, Sampler, SamplerStats, left_pa
 from srft_jax.sampler.loop import DecodeSpec, PrefillSpec, decode, prefill
 from srft_jax.sampler.step import (DecodeModel, SlotCache, block_sizes, decode_model, decode_step,
                                    empty_cache, write_kv)
-from srft_jax.sampler.strategies import Greedy, Strategy, Temperature, TopK, TopP, make_strategy
+from srft_jax.sampler.strategies import Greedy, Strategy, Temperature, TopK, TopP, draw, make_strategy
 
 __all__ = [
     "DecodeModel", "DecodeSpec", "Greedy", "PrefillSpec", "SampleOutput", "Sampler",
     "SamplerConfig", "SamplerStats", "SlotCache", "Strategy", "Temperature", "TopK", "TopP",
-    "block_sizes", "bucket", "decode", "decode_model", "decode_step", "empty_cache", "left_pad",
+    "block_sizes", "bucket", "decode", "decode_model", "decode_step", "draw", "empty_cache", "left_pad",
     "make_strategy", "prefill", "write_kv",
 ]

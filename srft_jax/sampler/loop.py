@@ -50,7 +50,7 @@ from srft_jax.sampler.step import (CACHE_AXES, SlotCache, block_sizes, decode_mo
 from srft_jax.sampler.strategies import Strategy, draw
 
 F32 = jnp.float32
-STORE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")  # KVCache [L,B,K,P,H]
+STORE_AXES = ("layers", "batch", "kv_heads", None, None)  # KVCache k [L,B,K,H,P], v [L,B,K,P,H]
 
 
 # ---- static settings (hashable: part of the compile-cache key) ----------------------------------
@@ -159,8 +159,8 @@ class LoopState:
 class Waiting:
     """Read-only inputs of a refill: the prompt store and every row's first token."""
 
-    store_k: tuple  # L x [B, K, P, H]
-    store_v: tuple
+    store_k: tuple  # L x [B, K, H, P]
+    store_v: tuple  # L x [B, K, P, H]
     prompt_lens: jax.Array  # int32[B]
     first: jax.Array  # int32[N]: token 0 of each row
     first_done: jax.Array  # bool[N]: the row ends at token 0
@@ -190,22 +190,23 @@ def per_shard(fn, *args):
 
 def _copy_prompt(cache: SlotCache, waiting: Waiting, slot, prompt) -> SlotCache:
     """Cache positions [0, P) of `slot` <- the store entry of `prompt` (local indices)."""
-    p = waiting.store_k[0].shape[2]
+    p = waiting.store_v[0].shape[2]
 
-    def layer(blocks, store):
+    def layer(blocks, store, axis):  # axis: the slot axis (3 for keys, 2 for values)
         out, start = [], 0
         for b in blocks:
-            n = min(b.shape[2], p - start)
+            n = min(b.shape[axis], p - start)
             if n > 0:
-                piece = jax.lax.dynamic_slice(store, (prompt, 0, start, 0),
-                                              (1, store.shape[1], n, store.shape[3]))
+                begin, size = [prompt, 0, 0, 0], list(store.shape)
+                begin[axis], size[0], size[axis] = start, 1, n
+                piece = jax.lax.dynamic_slice(store, begin, size)
                 b = jax.lax.dynamic_update_slice(b, piece.astype(b.dtype), (slot, 0, 0, 0))
             out.append(b)
-            start += b.shape[2]
+            start += b.shape[axis]
         return tuple(out)
 
-    return SlotCache(tuple(layer(b, s) for b, s in zip(cache.k, waiting.store_k)),
-                     tuple(layer(b, s) for b, s in zip(cache.v, waiting.store_v)))
+    return SlotCache(tuple(layer(b, s, 3) for b, s in zip(cache.k, waiting.store_k)),
+                     tuple(layer(b, s, 2) for b, s in zip(cache.v, waiting.store_v)))
 
 
 def admit(num_samples: int, slots: Slots, queue: Queue, cache: SlotCache, waiting: Waiting):
@@ -274,14 +275,14 @@ def _first_tokens(spec: DecodeSpec, last_logits, real, row_keys, max_new, stop_i
 
 def decode(graphdef, spec: DecodeSpec, state, store: KVCache, last_logits, prompt_lens, real, rng,
            prompt_ids, max_new, stop_ids, pad_id):
-    """The decode loop. store: the prefill's KVCache [L,B,K,P,H]; last_logits f32[B,V];
+    """The decode loop. store: the prefill's KVCache (P slots); last_logits f32[B,V];
     prompt_lens int32[B] real prompt tokens; real bool[B] (False: a padding prompt, never
     decoded; within each shard the real prompts come first); rng a key; prompt_ids int32[B];
     max_new int32[] <= R; stop_ids int32[num stops] (-1 entries never match); pad_id int32[].
     Returns the outputs (tokens, mask, lengths, finished_by_stop, logprobs, raw_logprobs) and
     num_steps = 1 + decode steps run."""
     dm = decode_model(nnx.merge(graphdef, state))
-    cfg = dm.model.config
+    cfg = dm.config
     g, s, d = spec.num_samples, spec.slots, spec.shards
     row_keys = _row_keys(rng, prompt_ids, g)
     out, first, first_done = _first_tokens(spec, last_logits, real, row_keys, max_new, stop_ids, pad_id)

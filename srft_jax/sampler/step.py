@@ -16,8 +16,8 @@ compute dtype, split over 'tensor', while sampling (7B in bfloat16: 15.2 GB / te
 device). The rows (slots) stay split over ('data', 'fsdp') and the cache's key/value heads over
 'tensor'.
 
-Cache (`SlotCache`): per layer, keys and values as a tuple of blocks [S,K,C_i,H]
-(C_i = kv_block, the last block shorter). A row's token at RoPE position p sits at cache slot p
+Cache (`SlotCache`): per layer, keys and values as tuples of blocks, keys [S,K,H,C_i] and values
+[S,K,C_i,H] (C_i = kv_block, the last block shorter; the layouts `models.attention` reads). A row's token at RoPE position p sits at cache slot p
 (its prompt from slot 0, left-aligned, then its response), in block p // kv_block. Every row has
 the same layout whichever slot decodes it and whenever it started, so the attention reduces a
 row's keys in the same blocks, in the same order, in every batching (see models/attention.py).
@@ -28,8 +28,8 @@ block, measured with cost_analysis), a separate buffer is read directly on every
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +37,12 @@ from flax import nnx
 
 from srft_jax import mesh as mesh_lib
 from srft_jax.models.attention import attention
-from srft_jax.models.decoder import dtype_of, param_logical_axes, rope_inv_freq
+from srft_jax.models.config import ModelConfig
+from srft_jax.models.decoder import dtype_of, param_logical_axes, project_logits, rope_inv_freq
 
-CACHE_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")  # one block [S, K, C_i, H]
+# Sharding of a cache block (keys [S,K,H,C_i] or values [S,K,C_i,H]: the last two dims are
+# not split, so one spec serves both).
+CACHE_AXES = ("batch", "kv_heads", None, None)
 ACT = ("batch", "seq", "act_embed")
 
 
@@ -54,45 +57,55 @@ def _names(path) -> tuple[str, ...]:
     return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
+@jax.tree_util.register_dataclass
 @dataclass
 class DecodeModel:
-    """The decoder in the decode layout and compute dtype (built inside a jitted program,
-    before the loop): `model` a `Decoder`, `blocks` its L layers as `Block` modules."""
+    """The decoder's parameters in the decode layout and compute dtype, per layer (a pytree:
+    built once per sampler call, before the loop, and read by every step)."""
 
-    model: nnx.Module
-    blocks: list
+    embedding: jax.Array  # [V, D]
+    lm_head: Optional[jax.Array]  # [D, V]; None when tied to the embedding
+    final_norm: nnx.State
+    layers: tuple  # L x nnx.State of one `Block`
+    config: ModelConfig = field(metadata=dict(static=True))
+    block_def: Any = field(metadata=dict(static=True))
+    norm_def: Any = field(metadata=dict(static=True))
+
+    def blocks(self) -> list:
+        return [nnx.merge(self.block_def, layer) for layer in self.layers]
+
+    def unembedding(self) -> jax.Array:
+        return self.embedding.T if self.lm_head is None else self.lm_head
 
 
 def decode_model(model) -> DecodeModel:
     """`model`'s parameters cast to the compute dtype and constrained to the decode layout,
-    split into per-layer blocks (static slices, taken once)."""
+    the stacked blocks split into per-layer copies (static slices, taken once)."""
     dt = dtype_of(model.config.dtype)
     graphdef, state = nnx.split(model)
     state = jax.tree_util.tree_map_with_path(
         lambda p, x: mesh_lib.constrain(x.astype(dt), decode_axes(_names(p))), state)
     model = nnx.merge(graphdef, state)
-    block_def, block_state = nnx.split(model.blocks)
-    blocks = [nnx.merge(block_def, jax.tree.map(lambda a, i=i: a[i], block_state))
-              for i in range(model.config.num_layers)]
-    return DecodeModel(model, blocks)
+    block_def, stacked = nnx.split(model.blocks)
+    norm_def, norm = nnx.split(model.final_norm)
+    layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.config.num_layers))
+    return DecodeModel(model.embed.embedding[...], None if model.lm_head is None else model.lm_head.kernel[...],
+                       norm, layers, model.config, block_def, norm_def)
 
 
 # ---- the slot cache -----------------------------------------------------------------------------
 @jax.tree_util.register_dataclass
 @dataclass
 class SlotCache:
-    """Keys and values of the S slots: k[l][i], v[l][i] are layer l's block i [S,K,C_i,H]."""
+    """Keys and values of the S slots: k[l][i] [S,K,H,C_i] and v[l][i] [S,K,C_i,H] are layer
+    l's block i."""
 
     k: tuple[tuple[jax.Array, ...], ...]
     v: tuple[tuple[jax.Array, ...], ...]
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
-        return tuple(b.shape[2] for b in self.k[0])
-
-    @property
-    def kv_block(self) -> int:
-        return self.k[0][0].shape[2]
+        return tuple(b.shape[2] for b in self.v[0])
 
 
 def block_sizes(cache_len: int, kv_block: int) -> tuple[int, ...]:
@@ -108,30 +121,26 @@ def constrain_cache(cache: SlotCache) -> SlotCache:
 
 
 def empty_cache(num_layers: int, slots: int, kv_heads: int, head_dim: int, sizes, dtype) -> SlotCache:
-    def layer():
-        return tuple(jnp.zeros((slots, kv_heads, n, head_dim), dtype) for n in sizes)
-
-    return constrain_cache(SlotCache(tuple(layer() for _ in range(num_layers)),
-                                     tuple(layer() for _ in range(num_layers))))
-
-
-def _put_rows(block: jax.Array, new: jax.Array, offset: jax.Array, inside: jax.Array) -> jax.Array:
-    """Row s of `block` [S,K,C_i,H] gets new[s] [K,H] at slot offset[s] where inside[s]. One
-    dynamic update per row (vmapped), so a batch-sharded cache is updated shard-locally."""
-    slot = lambda b, o: jax.lax.dynamic_slice_in_dim(b, o, 1, axis=1)
-    current = jax.vmap(slot)(block, offset)  # [S, K, 1, H]
-    rows = jnp.where(inside[:, None, None, None], new[:, :, None, :].astype(block.dtype), current)
-    return jax.vmap(lambda b, r, o: jax.lax.dynamic_update_slice_in_dim(b, r, o, axis=1))(
-        block, rows, offset)
+    keys = lambda: tuple(jnp.zeros((slots, kv_heads, head_dim, n), dtype) for n in sizes)
+    values = lambda: tuple(jnp.zeros((slots, kv_heads, n, head_dim), dtype) for n in sizes)
+    return constrain_cache(SlotCache(tuple(keys() for _ in range(num_layers)),
+                                     tuple(values() for _ in range(num_layers))))
 
 
-def write_kv(blocks: tuple[jax.Array, ...], new: jax.Array, positions: jax.Array):
-    """Writes each row's new key (or value) new [S,K,H] at its cache slot positions int32[S]."""
+def write_kv(blocks: tuple[jax.Array, ...], new: jax.Array, positions: jax.Array, axis: int):
+    """Writes each row's new key (or value) new [S,K,H] at its cache slot positions int32[S]
+    (in block p // C_0; `axis` is the slot axis of a block: 3 for keys, 2 for values). One row
+    update per block, vmapped over rows, rows outside the block dropped: a batch-sharded cache
+    is updated shard-locally and in place."""
+    def put(b, x, o):  # one row: b [K,H,C_i] or [K,C_i,H], x [K,H]
+        index = (slice(None), slice(None), o) if axis == 3 else (slice(None), o)
+        return b.at[index].set(x.astype(b.dtype), mode="drop")
+
     out, start = [], 0
     for b in blocks:
-        n = b.shape[2]
-        inside = (positions >= start) & (positions < start + n)
-        out.append(_put_rows(b, new, jnp.clip(positions - start, 0, n - 1), inside))
+        n = b.shape[axis]
+        offset = jnp.where((positions >= start) & (positions < start + n), positions - start, n)
+        out.append(jax.vmap(put)(b, new, offset))
         start += n
     return tuple(out)
 
@@ -150,20 +159,20 @@ def decode_step(dm: DecodeModel, tokens: jax.Array, positions: jax.Array, cache:
 
     Runs the decoder's own modules (embedding, norms, projections, q/k norms, RoPE, attention,
     MLP, unembedding) layer by layer; only the cache write is the sampler's."""
-    model = dm.model
-    x = jnp.take(model.embed.embedding[...], tokens[:, None], axis=0)
-    x = mesh_lib.constrain(x.astype(dtype_of(model.config.dtype)), ACT)  # [S, 1, D]
+    x = jnp.take(dm.embedding, tokens[:, None], axis=0)
+    x = mesh_lib.constrain(x.astype(dtype_of(dm.config.dtype)), ACT)  # [S, 1, D]
     pos = positions[:, None]  # [S, 1]
-    inv_freq = rope_inv_freq(model.config)
+    inv_freq = rope_inv_freq(dm.config)
     ks, vs = [], []
-    for layer, block in enumerate(dm.blocks):
+    for layer, block in enumerate(dm.blocks()):
         def attend(q, k, v, layer=layer):
-            k_blocks = write_kv(cache.k[layer], k[:, 0], positions)
-            v_blocks = write_kv(cache.v[layer], v[:, 0], positions)
+            k_blocks = write_kv(cache.k[layer], k[:, 0], positions, axis=3)
+            v_blocks = write_kv(cache.v[layer], v[:, 0], positions, axis=2)
             return attention(q, k_blocks, v_blocks, pos, live_blocks=live_blocks), (k_blocks, v_blocks)
 
         x, (k_blocks, v_blocks) = block(x, pos, inv_freq, attend)
         ks.append(k_blocks)
         vs.append(v_blocks)
-    logits = model.logits(model.final_norm(x))[:, 0]
+    hidden = nnx.merge(dm.norm_def, dm.final_norm)(x)
+    logits = project_logits(hidden, dm.unembedding())[:, 0]
     return logits, constrain_cache(SlotCache(tuple(ks), tuple(vs)))
