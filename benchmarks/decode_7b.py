@@ -69,10 +69,11 @@ def memory_report(mesh, slots: int, model: str = "7b"):
     spec = sampler_lib.DecodeSpec(batch=b, prompt_len=PROMPT, num_samples=g, response_len=RESPONSE,
                                   slots=slots, shards=distributed.batch_shards(mesh), kv_block=KV_BLOCK,
                                   strategy=sampler_lib.Temperature(1.0), kv_cache_dtype="bfloat16")
-    kv = _named(mesh, STORE_AXES, (L, b, K, PROMPT, H), jnp.bfloat16)
+    keys = _named(mesh, STORE_AXES, (L, b, K, H, PROMPT), jnp.bfloat16)
+    values = _named(mesh, STORE_AXES, (L, b, K, PROMPT, H), jnp.bfloat16)
     rep = mesh_lib.replicated(mesh)
     rows = lambda shape, dt: sds(shape, dt, mesh_lib.batch_sharding(mesh, len(shape), shape))
-    store = KVCache(kv, kv, rows((b, PROMPT), bool), sds((), jnp.int32, rep))
+    store = KVCache(keys, values, rows((b, PROMPT), bool), sds((), jnp.int32, rep))
     key = jax.eval_shape(lambda: jax.random.key(0))
     with jax.set_mesh(mesh):
         loop = jax.jit(functools.partial(sampler_lib.decode, graphdef, spec))
@@ -102,8 +103,9 @@ def bytes_reports(mesh, slots: int, fills, model: str = "7b", dtype: str = "floa
     shards = distributed.batch_shards(mesh)
     per_device = slots // shards
     kv_dtype = jnp.dtype(dtype)
-    k_blocks = tuple(_named(mesh, CACHE_AXES, (slots, K, H, n), kv_dtype) for n in sizes)
-    v_blocks = tuple(_named(mesh, CACHE_AXES, (slots, K, n, H), kv_dtype) for n in sizes)
+    store = sampler_lib.storage_dtype(kv_dtype)
+    k_blocks = tuple(_named(mesh, CACHE_AXES, (slots, K, H, n), store) for n in sizes)
+    v_blocks = tuple(_named(mesh, CACHE_AXES, (slots, K, n, H), store) for n in sizes)
     k_dev = v_blocks[0].sharding.shard_shape(v_blocks[0].shape)[1]  # key/value heads per device
     rows = lambda shape, dt: sds(shape, dt, mesh_lib.batch_sharding(mesh, len(shape), shape))
     key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
@@ -123,8 +125,8 @@ def bytes_reports(mesh, slots: int, fills, model: str = "7b", dtype: str = "floa
         kv_token = 2 * L * k_dev * H * kv_dtype.itemsize  # one token's keys + values, one device
 
         def write_layer(k_blocks, v_blocks, new, pos):
-            return (sampler_lib.write_kv(k_blocks, new, pos, axis=3),
-                    sampler_lib.write_kv(v_blocks, new, pos, axis=2))
+            return (sampler_lib.write_kv(k_blocks, new, pos, 3, dtype),
+                    sampler_lib.write_kv(v_blocks, new, pos, 2, dtype))
 
         # The token embedding: a gather of S rows, charged by XLA as the whole table.
         embed = jax.tree.leaves(dm.embedding)[0]
@@ -137,7 +139,7 @@ def bytes_reports(mesh, slots: int, fills, model: str = "7b", dtype: str = "floa
             # The cache as a step at this fill sees it: the blocks up to the fill, read under the
             # same run-time skip (`lax.cond`) as in the loop; the later blocks are skipped there.
             cache = sampler_lib.SlotCache(tuple(k_blocks[:n] for _ in range(L)),
-                                          tuple(v_blocks[:n] for _ in range(L)))
+                                          tuple(v_blocks[:n] for _ in range(L)), dtype)
 
             def step(dm, cache, tokens, positions, keys, t, live_blocks):
                 logits, cache = sampler_lib.decode_step(dm, tokens, positions, cache, live_blocks)

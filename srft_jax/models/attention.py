@@ -32,7 +32,7 @@ position) gets the mean of the values, as a plain masked softmax would, never Na
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +71,8 @@ def _block_update(carry, q, k, v, start: int, q_slot, kv_mask):
 
 def attention(q: jax.Array, k: Blocks, v: Blocks, q_slot: jax.Array,
               kv_mask: Optional[jax.Array] = None,
-              live_blocks: Union[None, int, jax.Array] = None) -> jax.Array:
+              live_blocks: Union[None, int, jax.Array] = None,
+              load: Optional[Callable[[jax.Array], jax.Array]] = None) -> jax.Array:
     """Grouped-query attention of T queries over S key/value slots held in blocks.
 
     q [B,T,N,H]: queries (RoPE applied).
@@ -83,6 +84,8 @@ def attention(q: jax.Array, k: Blocks, v: Blocks, q_slot: jax.Array,
       are left out of the program); an int32[] array reads the first `live_blocks` blocks and
       skips the others at run time (`lax.cond`). The caller guarantees that the skipped blocks
       hold no key visible to any query that matters.
+    load: applied to each key and value block where it is read (inside the skip), e.g. to view
+      a cache's stored bits as floats; None: the blocks are read as they are.
     Returns [B,T,N,H] in q.dtype.
     """
     k_blocks, v_blocks = _as_blocks(k), _as_blocks(v)
@@ -98,7 +101,7 @@ def attention(q: jax.Array, k: Blocks, v: Blocks, q_slot: jax.Array,
             break
         mask = None if kv_mask is None else kv_mask[:, start:start + vb.shape[2]]
         update = lambda c, kb=kb, vb=vb, start=start, mask=mask: _block_update(
-            c, qg, kb, vb, start, q_slot, mask)
+            c, qg, load(kb) if load else kb, load(vb) if load else vb, start, q_slot, mask)
         if live_blocks is None or isinstance(live_blocks, int) or i == 0:
             carry = update(carry)
         else:

@@ -18,19 +18,19 @@ applied; 0 for greedy) and under the raw model (temperature 1, no filtering).
 Public API: `Sampler`, `SamplerConfig`, `SampleOutput`, `SamplerStats`, the strategies,
 `make_strategy` and `draw`; for benchmarks and memory analysis, the programs `prefill` / `decode` with their
 static specs `PrefillSpec` / `DecodeSpec`, and the step pieces `decode_model`, `decode_step`,
-`empty_cache`, `block_sizes`, `write_kv`, `SlotCache`.
+`empty_cache`, `block_sizes`, `write_kv`, `storage_dtype`, `SlotCache`.
 """
 
 from srft_jax.sampler.config import SamplerConfig, bucket
 from srft_jax.sampler.engine import SampleOutput, Sampler, SamplerStats, left_pad
 from srft_jax.sampler.loop import DecodeSpec, PrefillSpec, decode, prefill
 from srft_jax.sampler.step import (DecodeModel, SlotCache, block_sizes, decode_model, decode_step,
-                                   empty_cache, write_kv)
+                                   empty_cache, storage_dtype, write_kv)
 from srft_jax.sampler.strategies import Greedy, Strategy, Temperature, TopK, TopP, draw, make_strategy
 
 __all__ = [
     "DecodeModel", "DecodeSpec", "Greedy", "PrefillSpec", "SampleOutput", "Sampler",
     "SamplerConfig", "SamplerStats", "SlotCache", "Strategy", "Temperature", "TopK", "TopP",
     "block_sizes", "bucket", "decode", "decode_model", "decode_step", "draw", "empty_cache", "left_pad",
-    "make_strategy", "prefill", "write_kv",
+    "make_strategy", "prefill", "storage_dtype", "write_kv",
 ]

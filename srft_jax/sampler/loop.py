@@ -44,9 +44,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from srft_jax import mesh as mesh_lib
-from srft_jax.models.decoder import KVCache, dtype_of, positions_from_mask
+from srft_jax.models.decoder import KVCache, positions_from_mask
 from srft_jax.sampler.step import (CACHE_AXES, SlotCache, block_sizes, decode_model, decode_step,
-                                   empty_cache, live_block_count)
+                                   empty_cache, live_block_count, to_storage)
 from srft_jax.sampler.strategies import Strategy, draw
 
 F32 = jnp.float32
@@ -199,14 +199,14 @@ def _copy_prompt(cache: SlotCache, waiting: Waiting, slot, prompt) -> SlotCache:
             if n > 0:
                 begin, size = [prompt, 0, 0, 0], list(store.shape)
                 begin[axis], size[0], size[axis] = start, 1, n
-                piece = jax.lax.dynamic_slice(store, begin, size)
-                b = jax.lax.dynamic_update_slice(b, piece.astype(b.dtype), (slot, 0, 0, 0))
+                piece = to_storage(jax.lax.dynamic_slice(store, begin, size), cache.dtype)
+                b = jax.lax.dynamic_update_slice(b, piece, (slot, 0, 0, 0))
             out.append(b)
             start += b.shape[axis]
         return tuple(out)
 
     return SlotCache(tuple(layer(b, s, 3) for b, s in zip(cache.k, waiting.store_k)),
-                     tuple(layer(b, s, 2) for b, s in zip(cache.v, waiting.store_v)))
+                     tuple(layer(b, s, 2) for b, s in zip(cache.v, waiting.store_v)), cache.dtype)
 
 
 def admit(num_samples: int, slots: Slots, queue: Queue, cache: SlotCache, waiting: Waiting):
@@ -297,8 +297,7 @@ def decode(graphdef, spec: DecodeSpec, state, store: KVCache, last_logits, promp
                   last=zeros(jnp.int32), live=zeros(bool),
                   key=zeros(waiting.keys.dtype, waiting.keys.shape[1:]))
     cache = empty_cache(cfg.num_layers, s, cfg.num_kv_heads, cfg.head_dim,
-                        block_sizes(spec.cache_len, spec.kv_block),
-                        dtype_of(spec.kv_cache_dtype or cfg.dtype))
+                        block_sizes(spec.cache_len, spec.kv_block), spec.kv_cache_dtype or cfg.dtype)
     refill = lambda sl, q, c, w: admit(g, sl, q, c, w)
     slots, queue, cache = per_shard(refill, slots, queue, cache, waiting)
     wrap = lambda data: jax.random.wrap_key_data(data, impl=jax.random.key_impl(rng))

@@ -79,32 +79,61 @@ class DecodeModel:
 
 
 def decode_model(model) -> DecodeModel:
-    """`model`'s parameters cast to the compute dtype and constrained to the decode layout,
-    the stacked blocks split into per-layer copies (static slices, taken once)."""
+    """`model`'s parameters cast to the compute dtype and constrained to the decode layout, the
+    stacked blocks taken apart layer by layer first (so neither a second stacked copy nor a
+    float32 gathered one is ever held)."""
     dt = dtype_of(model.config.dtype)
-    graphdef, state = nnx.split(model)
-    state = jax.tree_util.tree_map_with_path(
-        lambda p, x: mesh_lib.constrain(x.astype(dt), decode_axes(_names(p))), state)
-    model = nnx.merge(graphdef, state)
+
+    def place(tree, prefix=()):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: mesh_lib.constrain(x.astype(dt), decode_axes(prefix + _names(p))), tree)
+
     block_def, stacked = nnx.split(model.blocks)
     norm_def, norm = nnx.split(model.final_norm)
-    layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.config.num_layers))
-    return DecodeModel(model.embed.embedding[...], None if model.lm_head is None else model.lm_head.kernel[...],
-                       norm, layers, model.config, block_def, norm_def)
+    layers = tuple(place(jax.tree.map(lambda a, i=i: a[i], stacked))
+                   for i in range(model.config.num_layers))
+    lm_head = None if model.lm_head is None else place(model.lm_head.kernel[...], ("lm_head", "kernel"))
+    return DecodeModel(place(model.embed.embedding[...], ("embed", "embedding")), lm_head,
+                       place(norm, ("final_norm",)), layers, model.config, block_def, norm_def)
 
 
 # ---- the slot cache -----------------------------------------------------------------------------
+def storage_dtype(dtype) -> jnp.dtype:
+    """How the cache holds `dtype` values: 16-bit floats as their uint16 bit patterns. XLA on CPU
+    computes an update of a 16-bit float buffer in float32 and writes a new buffer (a copy of the
+    whole block per write, and twice the cache in memory); integer updates stay in place on
+    every backend, and viewing the bits as the float again costs nothing."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.uint16) if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2 else dtype
+
+
+def to_storage(x: jax.Array, dtype) -> jax.Array:
+    x = x.astype(dtype)
+    store = storage_dtype(dtype)
+    return x if store == x.dtype else jax.lax.bitcast_convert_type(x, store)
+
+
+def from_storage(x: jax.Array, dtype) -> jax.Array:
+    dtype = jnp.dtype(dtype)
+    return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
+
+
 @jax.tree_util.register_dataclass
 @dataclass
 class SlotCache:
     """Keys and values of the S slots: k[l][i] [S,K,H,C_i] and v[l][i] [S,K,C_i,H] are layer
-    l's block i."""
+    l's block i, held as `storage_dtype(dtype)`."""
 
     k: tuple[tuple[jax.Array, ...], ...]
     v: tuple[tuple[jax.Array, ...], ...]
+    dtype: str = field(metadata=dict(static=True))  # the KV dtype, e.g. 'bfloat16'
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
+        return tuple(b.shape[2] for b in self.v[0])
+
+
+def block_sizes(self) -> tuple[int, ...]:
         return tuple(b.shape[2] for b in self.v[0])
 
 
@@ -117,24 +146,29 @@ def block_sizes(cache_len: int, kv_block: int) -> tuple[int, ...]:
 def constrain_cache(cache: SlotCache) -> SlotCache:
     c = lambda layers: tuple(tuple(mesh_lib.constrain(b, CACHE_AXES) for b in blocks)
                              for blocks in layers)
-    return SlotCache(c(cache.k), c(cache.v))
+    return SlotCache(c(cache.k), c(cache.v), cache.dtype)
 
 
-def empty_cache(num_layers: int, slots: int, kv_heads: int, head_dim: int, sizes, dtype) -> SlotCache:
-    keys = lambda: tuple(jnp.zeros((slots, kv_heads, head_dim, n), dtype) for n in sizes)
-    values = lambda: tuple(jnp.zeros((slots, kv_heads, n, head_dim), dtype) for n in sizes)
+def empty_cache(num_layers: int, slots: int, kv_heads: int, head_dim: int, sizes, dtype: str) -> SlotCache:
+    """A zero cache of `slots` rows in blocks of `sizes` slots, KV dtype `dtype` (a name)."""
+    store = storage_dtype(dtype)
+    keys = lambda: tuple(jnp.zeros((slots, kv_heads, head_dim, n), store) for n in sizes)
+    values = lambda: tuple(jnp.zeros((slots, kv_heads, n, head_dim), store) for n in sizes)
     return constrain_cache(SlotCache(tuple(keys() for _ in range(num_layers)),
-                                     tuple(values() for _ in range(num_layers))))
+                                     tuple(values() for _ in range(num_layers)), dtype))
 
 
-def write_kv(blocks: tuple[jax.Array, ...], new: jax.Array, positions: jax.Array, axis: int):
+def write_kv(blocks: tuple[jax.Array, ...], new: jax.Array, positions: jax.Array, axis: int,
+             dtype: str):
     """Writes each row's new key (or value) new [S,K,H] at its cache slot positions int32[S]
-    (in block p // C_0; `axis` is the slot axis of a block: 3 for keys, 2 for values). One row
-    update per block, vmapped over rows, rows outside the block dropped: a batch-sharded cache
-    is updated shard-locally and in place."""
+    (in block p // C_0; `axis` is the slot axis of a block: 3 for keys, 2 for values; the
+    blocks hold `storage_dtype(dtype)`). One row update per block, vmapped over rows, rows
+    outside the block dropped: a batch-sharded cache is updated shard-locally and in place."""
+    new = to_storage(new, dtype)
+
     def put(b, x, o):  # one row: b [K,H,C_i] or [K,C_i,H], x [K,H]
         index = (slice(None), slice(None), o) if axis == 3 else (slice(None), o)
-        return b.at[index].set(x.astype(b.dtype), mode="drop")
+        return b.at[index].set(x, mode="drop")
 
     out, start = [], 0
     for b in blocks:
@@ -166,13 +200,15 @@ def decode_step(dm: DecodeModel, tokens: jax.Array, positions: jax.Array, cache:
     ks, vs = [], []
     for layer, block in enumerate(dm.blocks()):
         def attend(q, k, v, layer=layer):
-            k_blocks = write_kv(cache.k[layer], k[:, 0], positions, axis=3)
-            v_blocks = write_kv(cache.v[layer], v[:, 0], positions, axis=2)
-            return attention(q, k_blocks, v_blocks, pos, live_blocks=live_blocks), (k_blocks, v_blocks)
+            k_blocks = write_kv(cache.k[layer], k[:, 0], positions, 3, cache.dtype)
+            v_blocks = write_kv(cache.v[layer], v[:, 0], positions, 2, cache.dtype)
+            out = attention(q, k_blocks, v_blocks, pos, live_blocks=live_blocks,
+                            load=lambda b: from_storage(b, cache.dtype))
+            return out, (k_blocks, v_blocks)
 
         x, (k_blocks, v_blocks) = block(x, pos, inv_freq, attend)
         ks.append(k_blocks)
         vs.append(v_blocks)
     hidden = nnx.merge(dm.norm_def, dm.final_norm)(x)
     logits = project_logits(hidden, dm.unembedding())[:, 0]
-    return logits, constrain_cache(SlotCache(tuple(ks), tuple(vs)))
+    return logits, constrain_cache(SlotCache(tuple(ks), tuple(vs), cache.dtype))
