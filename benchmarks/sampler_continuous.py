@@ -14,7 +14,8 @@ Both produce the same rollouts (checked: tokens and lengths equal); the comparab
 generated tokens per second (prefill + decode wall time, compiles excluded by a warm-up;
 best of --repeats, runs interleaved).
 
-Model: Llama-shaped, hidden 512, 8 layers, 8 heads, MLP 1536, vocabulary 1024, float32, random
+Model: Llama-shaped, hidden 512, 8 layers, 8 query heads sharing 2 key/value heads (grouped-query
+attention, as in Qwen2.5 and Llama 3), MLP 1536, vocabulary 1024, float32, random
 q/k/v/gate/up weights but zero attention-output and MLP-output weights, so that the residual
 stream is the token embedding and the next-token distribution is a designed Markov chain on
 three token classes (every layer still runs its full computation):
@@ -34,7 +35,7 @@ import time
 
 import numpy as np
 
-V, D, LAYERS, HEADS, MLP = 1024, 512, 8, 8, 1536
+V, D, LAYERS, HEADS, KV_HEADS, MLP = 1024, 512, 8, 8, 2, 1536
 PROMPTS, SAMPLES, PROMPT_LEN, BUDGET, SLOTS = 32, 8, 64, 512, 64
 STOP, PAD = 1, 0
 SHORT = np.arange(2, 500)  # token classes (the rest are prompt tokens)
@@ -51,7 +52,7 @@ def build_model(q_short: float, p_stop: float = 1 / 96):
     from srft_jax.models.decoder import Decoder
 
     cfg = ModelConfig(arch="llama", vocab_size=V, hidden_size=D, intermediate_size=MLP,
-                      num_layers=LAYERS, num_heads=HEADS, num_kv_heads=HEADS, attention_bias=False,
+                      num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, attention_bias=False,
                       tie_word_embeddings=False, max_position_embeddings=1024)
     model = Decoder(cfg, rngs=nnx.Rngs(0))
     state = {0: PROMPT_TOKENS, 1: SHORT, 2: LONG}  # hidden unit -> tokens in that class

@@ -16,14 +16,15 @@ compute dtype, split over 'tensor', while sampling (7B in bfloat16: 15.2 GB / te
 device). The rows (slots) stay split over ('data', 'fsdp') and the cache's key/value heads over
 'tensor'.
 
-Cache (`SlotCache`): per layer, keys and values as tuples of blocks, keys [S,K,H,C_i] and values
-[S,K,C_i,H] (C_i = kv_block, the last block shorter; the layouts `models.attention` reads). A row's token at RoPE position p sits at cache slot p
-(its prompt from slot 0, left-aligned, then its response), in block p // kv_block. Every row has
-the same layout whichever slot decodes it and whenever it started, so the attention reduces a
-row's keys in the same blocks, in the same order, in every batching (see models/attention.py).
-Blocks are separate buffers so that a step reads exactly the blocks it needs, in place: a slice
-of one [S,K,C,H] buffer is copied out before a matrix product by XLA on CPU (3x the bytes of the
-block, measured with cost_analysis), a separate buffer is read directly on every backend.
+Cache (`SlotCache`): per layer, keys and values as tuples of blocks, keys [S,K,H,C_i] and
+values [S,K,C_i,H] (C_i = kv_block, the last block shorter: the layouts `models.attention`
+reads). A row's token at RoPE position p sits at cache slot p (its prompt from slot 0,
+left-aligned, then its response), in block p // kv_block. Every row has the same layout
+whichever slot decodes it and whenever it started, so the attention reduces a row's keys in the
+same blocks, in the same order, in every batching (see models/attention.py). Blocks are
+separate buffers so that a step reads exactly the blocks it needs, in place: XLA on CPU copies
+a slice of one [S,K,C,H] buffer out before a matrix product (3x the bytes of the block in its
+cost analysis), while a separate buffer is read directly on every backend.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def write_kv(blocks: tuple[jax.Array, ...], new: jax.Array, positions: jax.Array
 
     def put(b, x, o):  # one row: b [K,H,C_i] or [K,C_i,H], x [K,H]
         index = (slice(None), slice(None), o) if axis == 3 else (slice(None), o)
-        return b.at[index].set(x, mode="drop")
+        return b.at[index].set(x, mode="drop", unique_indices=True, indices_are_sorted=True)
 
     out, start = [], 0
     for b in blocks:
