@@ -1,16 +1,15 @@
-"""Per-device memory of the 7B SRFT train step and the sampler's decode, measured by XLA, plus
-the model FLOPs of one paper step.
+"""Per-device memory of the 7B SRFT train step, measured by XLA, plus the model FLOPs of one
+paper step (the sampler's decode: benchmarks/decode_7b.py).
 
 Run (8 forced CPU devices are set up by the script; nothing is allocated or run, only
 `jax.eval_shape` -> `jit(...).lower(abstract, sharded args).compile().memory_analysis()`):
     python benchmarks/memory_7b.py                                   # everything below
     python benchmarks/memory_7b.py --what train --micro-batch 1 --remat full
-    python benchmarks/memory_7b.py --what decode --decode-prompts 16
     python benchmarks/memory_7b.py --what flops                      # formula only (instant)
     python benchmarks/memory_7b.py --what train --devices 32 --fsdp 8 --tensor 4 --micro-batch 4
                                                                      # configs/...-v5p64.yaml
     python benchmarks/memory_7b.py --what train --fsdp 2 --tensor 4 --micro-batch 2   # ...-8xh100
-    python benchmarks/memory_7b.py --model 1.5b --fsdp 4 --tensor 2 --decode-prompts 8  # ...-v5e8
+    python benchmarks/memory_7b.py --model 1.5b --fsdp 4 --tensor 2                  # ...-v5e8
 
 Model: Qwen2.5-Math-7B with the paper's 16k window (28 layers, D 3584, F 18944, 28 query /
 4 KV heads, V 152064), float32 parameters and AdamW moments (the paper's lr 1e-6 is below
@@ -21,13 +20,9 @@ Shapes: prompt 1024 + response 8192 tokens per sequence.
 - train: `train_step.make_train_step` (the real step: scan over M micro-batches of
   `--micro-batch` sequences per device, chunked log-prob/entropy, SRFT paper loss, AdamW with
   clipping, donated params/opt state) for one update of the paper (64 prompts x 8 = 512 rows).
-- decode: the sampler's jitted group-decode program (`sampler._decode`: grow the prefilled
-  cache to 1024 + 8192 slots, repeat each prompt's row 7 times, `lax.while_loop` of
-  `Decoder.decode` over 8192 steps) for `--decode-prompts` prompts x 7 rollouts, bfloat16
-  KV cache; and one `Decoder.decode` step of those rows against a full cache.
 
 Peak per device ~ arguments + outputs - aliased (donated) + temporaries. XLA's cost_analysis
-counts each loop body (layer scan, micro-batch scan, decode loop) once, so its flops are not a
+counts each loop body (layer scan, micro-batch scan) once, so its flops are not a
 step total; the FLOPs lines use the formula in `paper_step_flops` (for one unrolled layer it
 agrees with cost_analysis to 0.5%, forward and forward+backward). Prints one line per program
 and, last, the comparable number: the train step's peak GB per device.
@@ -56,7 +51,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + f" --xla_force_host_platform_device_count={DEVICES}").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import functools  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import jax  # noqa: E402
@@ -162,60 +156,6 @@ def train_report(mesh, micro_batch: int, remat: str, chunk_size: int, model: str
                        with_shardings(batch, b_sh))
 
 
-# ---- sampler -----------------------------------------------------------------------------------
-def decode_reports(mesh, prompts: int, remat: str, model: str = "7b", phase_mode: str = "single") -> list[Report]:
-    from srft_jax import sampler as sampler_lib
-    from srft_jax.models.decoder import KVCache
-
-    cfg = model_config(remat, model)
-    graphdef, state = nnx.split(abstract_model(cfg))
-    st_sh = state_shardings(state, mesh)
-    abstract_state = with_shardings(state, st_sh)
-    g = PAPER["rollouts"]
-    n = prompts * g
-    L, K, H, V = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-    cache_axes = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
-
-    def cache(rows, slots):
-        kv = sds((L, rows, slots, K, H), jnp.bfloat16,
-                 mesh_lib.named_sharding(mesh, cache_axes, (L, rows, slots, K, H)))
-        return KVCache(kv, kv, sds((rows, slots), bool, mesh_lib.batch_sharding(mesh, 2, (rows, slots))),
-                       sds((), jnp.int32, mesh_lib.replicated(mesh)))
-
-    rep = mesh_lib.replicated(mesh)
-    row_sh = lambda shape: mesh_lib.batch_sharding(mesh, len(shape), shape)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    out = []
-    with jax.set_mesh(mesh):
-        # The paper configs set data.response_buckets: [8192], so the sampler decodes in one
-        # phase; "buckets" measures the sampler's default phases (one while loop per bucket).
-        phases = ((RESPONSE,) if phase_mode == "single" else
-                  tuple(b for b in sampler_lib.SamplerConfig().response_buckets if b < RESPONSE) + (RESPONSE,))
-        shape = sampler_lib._DecodeShape(batch=prompts, prompt_len=PROMPT, num_samples=g,
-                                         strategy=sampler_lib.Temperature(1.0), kv_cache_dtype="bfloat16",
-                                         phases=phases)
-        # Memory as on TPU/GPU: no CPU-only transposed copy of the block weights.
-        sampler_lib._hoist_decode_weights = lambda *a, **k: False
-        loop = jax.jit(functools.partial(sampler_lib._decode, graphdef, shape))
-        out.append(analyse(
-            f"sampler decode loop ({prompts} prompts x {g} = {n} rows, cache {PROMPT}+{RESPONSE} bf16)",
-            loop, abstract_state, cache(prompts, PROMPT), sds((prompts, V), jnp.float32, row_sh((prompts, V))),
-            sds((prompts,), jnp.int32, row_sh((prompts,))), sds(key.shape, key.dtype, rep),
-            sds((prompts,), jnp.int32, row_sh((prompts,))), sds((), jnp.int32, rep),
-            sds((2,), jnp.int32, rep), sds((), jnp.int32, rep)))
-
-        def one_step(state, tokens, positions, kv):
-            logits, kv = nnx.merge(graphdef, state).decode(tokens, positions, kv)
-            return logits, kv
-
-        step = jax.jit(one_step, donate_argnums=(3,))
-        out.append(analyse(
-            f"one decode step ({n} rows x 1 token against a {PROMPT + RESPONSE}-slot bf16 cache)",
-            step, abstract_state, sds((n, 1), jnp.int32, row_sh((n, 1))),
-            sds((n, 1), jnp.int32, row_sh((n, 1))), cache(n, PROMPT + RESPONSE)))
-    return out
-
-
 # ---- FLOPs of one paper step -------------------------------------------------------------------
 def paper_step_flops(cfg: ModelConfig, response_len: int = RESPONSE) -> dict[str, float]:
     """Model FLOPs (no rematerialisation, PaLM convention) of one SRFT step of the paper with
@@ -275,16 +215,11 @@ def flops_lines(cfg: ModelConfig, model: str = "7b") -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--what", choices=("all", "train", "decode", "flops"), default="all")
+    parser.add_argument("--what", choices=("all", "train", "flops"), default="all")
     parser.add_argument("--micro-batch", type=int, default=1, help="sequences per batch shard (one data x fsdp group of devices) per micro-batch")
     parser.add_argument("--remat", choices=("none", "full", "dots"), default="full")
     parser.add_argument("--chunk-size", type=int, default=1024, help="log-prob/entropy sequence chunk")
-    parser.add_argument("--decode-prompts", type=int, default=PAPER["prompts"],
-                        help="prompts per sampler call (x 7 rollouts rows)")
     parser.add_argument("--model", choices=sorted(MODELS), default="7b")
-    parser.add_argument("--decode-phases", choices=("single", "buckets"), default="single",
-                        help="single: one decode loop over 8192 slots (the paper configs); buckets: "
-                             "the sampler's default response buckets as phases (one loop each)")
     parser.add_argument("--devices", type=int, default=8, help="forced CPU devices (the mesh size)")
     parser.add_argument("--fsdp", type=int, default=-1, help="fsdp axis size (-1: devices / tensor)")
     parser.add_argument("--tensor", type=int, default=1)
@@ -302,9 +237,6 @@ def main(argv=None) -> int:
         return 0
     mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, fsdp=args.fsdp, tensor=args.tensor))
     reports = []
-    if args.what in ("all", "decode"):
-        for rep in decode_reports(mesh, args.decode_prompts, args.remat, args.model, args.decode_phases):
-            print(rep.line(), flush=True)
     if args.what in ("all", "train"):
         rep = train_report(mesh, args.micro_batch, args.remat, args.chunk_size, args.model)
         print(rep.line(), flush=True)

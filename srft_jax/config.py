@@ -86,7 +86,6 @@ class TrainConfig:
     updates_per_step: optimiser updates per step, each on an equal share of the prompts
       (paper: 2 updates of 64 prompts).
     micro_batch_size: sequences per forward/backward; gradients accumulate over micro-batches.
-    sample_chunk_prompts: prompts sampled in one sampler call (0 = all); bounds KV-cache memory.
     loss_chunk_size: sequence chunk of the memory-bounded log-prob/entropy computation.
     recompute_old_logprobs: recompute `old_logprobs` with a forward pass of the training model
       (as verl does) instead of taking the sampler's; exact ratio 1 on the first update.
@@ -109,7 +108,6 @@ class TrainConfig:
     rollouts_per_prompt: int = 7
     updates_per_step: int = 2
     micro_batch_size: int = 8
-    sample_chunk_prompts: int = 0
     recompute_old_logprobs: bool = True
     loss_chunk_size: int = 1024
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -130,8 +128,6 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
-        if self.sample_chunk_prompts < 0:
-            raise ValueError(f"train.sample_chunk_prompts must be >= 0, got {self.sample_chunk_prompts}")
         if self.rollouts_per_prompt < 0:
             raise ValueError(f"train.rollouts_per_prompt must be >= 0, got {self.rollouts_per_prompt}")
         if self.prompts_per_step % self.updates_per_step:
@@ -229,6 +225,8 @@ MOVED_KEYS = {
 # Keys that are gone, with what to use instead.
 REMOVED_KEYS = {
     "data.batch_size": "it was never read; the prompts of a step are train.prompts_per_step",
+    "train.sample_chunk_prompts": ("a step's prompts are sampled in one call; sampler.decode_slots "
+                                   "(rows decoded at once) bounds KV-cache memory"),
 }
 
 

@@ -116,7 +116,8 @@ def named_sharding(mesh: Mesh, logical: Sequence[Optional[str]], shape: Sequence
     return NamedSharding(mesh, logical_to_spec(logical, shape, mesh))
 
 
-def _current_mesh():
+def current_mesh():
+    """The (abstract) mesh set with `jax.set_mesh`, or None."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return None
@@ -126,7 +127,7 @@ def _current_mesh():
 def constrain(x: jax.Array, logical: Sequence[Optional[str]]) -> jax.Array:
     """`with_sharding_constraint` by logical names under the mesh set with `jax.set_mesh`;
     the identity when no mesh is set (single-device use of the model)."""
-    mesh = _current_mesh()
+    mesh = current_mesh()
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, x.shape, mesh))

@@ -339,26 +339,22 @@ def next_prompts(run: Run) -> StepPrompts:
 
 def sample_rollouts(run: Run, state: TrainState, prompts: StepPrompts, step: int) -> Rollouts:
     """`layout.rollouts` samples per prompt from the current policy, with the `sampler`
-    section's settings; at most `train.sample_chunk_prompts` prompts per sampler call."""
+    section's settings: one sampler call for the step's prompts (`sampler.decode_slots` bounds
+    the rows decoded at once, and so the KV-cache memory)."""
     g = run.layout.rollouts
     if not g:
         return Rollouts([], [], np.zeros(0, bool), [])
-    step_prompts = run.cfg.train.prompts_per_step
-    chunk = -(-(run.cfg.train.sample_chunk_prompts or step_prompts) // run.shard.count)
-    tokens, old, stopped = [], [], []
-    for c0 in range(0, len(prompts.examples), chunk):
-        part = prompts.examples[c0:c0 + chunk]
-        p_tok, p_mask = left_pad([e.prompt_ids for e in part], prompts.width, run.pad_id)
-        out = run.sampler.generate(state.model, p_tok, p_mask, num_samples=g,
-                                   seed=_step_seed(run.cfg.train.seed, step),
-                                   prompt_ids=prompts.index[c0:c0 + len(part)], mesh=run.mesh)
-        for row in range(out.num_rows):
-            n = int(out.lengths[row])
-            tokens.append(out.tokens[row, :n].tolist())
-            old.append(out.raw_logprobs[row, :n])
-        stopped.append(out.finished_by_stop)
+    p_tok, p_mask = left_pad([e.prompt_ids for e in prompts.examples], prompts.width, run.pad_id)
+    out = run.sampler.generate(state.model, p_tok, p_mask, num_samples=g,
+                               seed=_step_seed(run.cfg.train.seed, step),
+                               prompt_ids=prompts.index, mesh=run.mesh)
+    tokens, old = [], []
+    for row in range(out.num_rows):
+        n = int(out.lengths[row])
+        tokens.append(out.tokens[row, :n].tolist())
+        old.append(out.raw_logprobs[row, :n])
     texts = [decode_response(run.tokenizer, ids, run.stop_ids) for ids in tokens]
-    return Rollouts(tokens, old, np.concatenate(stopped), texts)
+    return Rollouts(tokens, old, np.asarray(out.finished_by_stop), texts)
 
 
 def score(run: Run, prompts: StepPrompts, rollouts: Rollouts) -> Scores:

@@ -67,6 +67,8 @@ def test_constant_rl_normaliser_takes_the_max_response_length(tmp_path):
     ("mesh.fsdp=0", "mesh.fsdp"),
     ("model.dtype=int8", "model.dtype"),
     ("nosuchsection.x=1", "nosuchsection"),
+    ("train.sample_chunk_prompts=32", "sampler.decode_slots"),  # retired, names its replacement
+    ("sampler.decode_slots=-1", "sampler.decode_slots"),
 ])
 def test_bad_overrides_name_the_key_and_the_command_line(override, expected):
     path = resolve_config_path("demo")

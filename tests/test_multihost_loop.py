@@ -2,7 +2,8 @@
 the same config on one process with 8 devices: metrics.jsonl and the checkpointed parameters.
 
 Each process of the distributed run takes its share of every step's prompts, samples them in
-one global sampler call per chunk, scores them, builds its rows of the mixed batch, evaluates
+one global sampler call (continuous batching: 8 slots for the 24 rollouts of a step, refilled on
+the devices from per-shard queues), scores them, builds its rows of the mixed batch, evaluates
 its share of the held-out examples, and saves its shards of the orbax checkpoints; process 0
 alone writes metrics.jsonl, the plots and the HF export. The distributed run stops after step 2
 (checkpoint 2); the slow test restarts it for step 3 from that checkpoint, and the reference
@@ -54,6 +55,7 @@ OVERRIDES = [
     "train.progress_bar=false", "train.reward_workers=1", "train.tensorboard=false",
     "eval.every=2", "eval.num_examples=13", "eval.batch_size=8", "eval.temperature=1.0",
     "data.max_rows=64",
+    "sampler.decode_slots=8",  # 8 prompts x 3 rollouts = 24 rows through 8 slots (one per device)
 ]
 VOLATILE = ("time/", "throughput/", "compile/")  # wall-clock figures; compiles restart on resume
 

@@ -28,7 +28,10 @@ from srft_jax.sampler import Greedy, Sampler, SamplerConfig, Temperature, TopK, 
 
 VOCAB = 128
 PAD = 0
-SMALL = SamplerConfig(max_new_tokens=12, prompt_buckets=(8, 16), response_buckets=(8, 16, 32))
+# kv_block 8: the caches of these tests (8 or 16 prompt + 16 or 32 response slots) have 3 to 6
+# blocks, so every test runs the block-wise attention and its skipping of unfilled blocks.
+SMALL = SamplerConfig(max_new_tokens=12, prompt_buckets=(8, 16), response_buckets=(8, 16, 32),
+                      kv_block=8)
 LENGTHS = [3, 7, 5, 1]  # the standard left-padded batch (prompt bucket 8)
 
 
@@ -406,9 +409,9 @@ def test_config_is_an_omegaconf_structured_config():
 def test_bfloat16_kv_cache(tmp_root):
     _, model = _pair("qwen2", tmp_root)
     tokens, mask = _prompts(LENGTHS)
-    shape = sampler_lib._PrefillShape(4, 8, "bfloat16")
+    spec = sampler_lib.PrefillSpec(4, 8, "bfloat16")
     graphdef, state = nnx.split(model)
-    cache, _ = jax.eval_shape(functools.partial(sampler_lib._prefill, graphdef, shape), state,
+    cache, _ = jax.eval_shape(functools.partial(sampler_lib.prefill, graphdef, spec), state,
                               jnp.asarray(tokens), jnp.asarray(mask))
     assert cache.k.dtype == cache.v.dtype == jnp.bfloat16
     out = _sampler(kv_cache_dtype="bfloat16").generate(model, tokens, mask, num_samples=2,
@@ -463,26 +466,14 @@ def test_sample_command_prints_samples(tmp_path, capsys):
     assert greedy == 0 and "=== sample 0 (" in capsys.readouterr().out
 
 
-def test_decode_phases_do_not_change_results(tmp_root):
-    """SMALL decodes 12 tokens in two phases (cache P+8, then P+16); one phase gives the same."""
+def test_kv_block_size_does_not_change_results(tmp_root):
+    """One cache block (kv_block 512) or blocks of 8 slots: the same rollouts (log-probs to float32
+    rounding: the online softmax adds the blocks in a different grouping)."""
     _, model = _pair("llama", tmp_root)
     tokens, mask = _prompts(LENGTHS)
-    phased = _sampler().generate(model, tokens, mask, num_samples=2, temperature=1.0, rng=9)
-    single = Sampler(SMALL.replace(response_buckets=(16,)), stop_ids=(), pad_id=PAD).generate(
+    blocks = _sampler().generate(model, tokens, mask, num_samples=2, temperature=1.0, rng=9)
+    single = Sampler(SMALL.replace(kv_block=512), stop_ids=(), pad_id=PAD).generate(
         model, tokens, mask, num_samples=2, temperature=1.0, rng=9)
-    np.testing.assert_array_equal(phased.tokens, single.tokens)
-    np.testing.assert_allclose(phased.raw_logprobs, single.raw_logprobs, atol=1e-5)
-    assert phased.num_steps == single.num_steps == 12
-
-
-def test_unhoisted_weights_path_matches(tmp_root, monkeypatch):
-    """The accelerator path (weights viewed inside the step, [in, out] kernels) gives the same
-    rollouts as the CPU path (weights copied to [out, in] before the loop)."""
-    _, model = _pair("qwen2", tmp_root)
-    tokens, mask = _prompts(LENGTHS)
-    hoisted = _sampler().generate(model, tokens, mask, num_samples=2, temperature=1.0, rng=4)
-    monkeypatch.setattr(sampler_lib, "_hoist_decode_weights", lambda: False)
-    views = Sampler(SMALL, stop_ids=(), pad_id=PAD).generate(model, tokens, mask, num_samples=2,
-                                                            temperature=1.0, rng=4)
-    np.testing.assert_array_equal(views.tokens, hoisted.tokens)
-    np.testing.assert_allclose(views.raw_logprobs, hoisted.raw_logprobs, atol=1e-5)
+    np.testing.assert_array_equal(blocks.tokens, single.tokens)
+    np.testing.assert_allclose(blocks.raw_logprobs, single.raw_logprobs, atol=1e-5)
+    assert blocks.num_steps == single.num_steps == 12

@@ -11,9 +11,10 @@ with `lax.scan`, so compile time does not grow with depth and per-layer remateri
 
 Masks and positions: `mask[B,T]` is 1 on real tokens (left padding is 0). Positions default to
 `cumsum(mask) - 1`, so a left-padded prompt gets the same RoPE positions as an unpadded one.
-A key slot is visible to a query iff it holds a real token and is not in the query's future.
+A key slot is visible to a query iff it holds a real token and is not in the query's future
+(`models/attention.py`: the one attention implementation, shared with the sampler's decode step).
 
-The KV cache (`KVCache`) holds `k, v [L,B,S,K,H]`, `valid bool[B,S]` (slot holds a real token)
+The KV cache (`KVCache`) holds keys `k [L,B,K,H,S]`, values `v [L,B,K,S,H]`, `valid bool[B,S]` (slot holds a real token)
 and `index` (next slot to write; all rows advance together, so left-padded prompts decode in
 lockstep). `decode` writes the T new keys/values at `[index, index+T)` and returns the new cache.
 """
@@ -29,10 +30,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from srft_jax import mesh as mesh_lib
+from srft_jax.models.attention import attention
 from srft_jax.models.config import ModelConfig
 
 F32 = jnp.float32
-_NEG = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
 
 
 def dtype_of(name: str):
@@ -147,33 +148,30 @@ class Attention(nnx.Module):
             y = y + p.bias[...].astype(x.dtype)
         return y
 
-    def __call__(self, x, positions, inv_freq, visible, kv_cache=None, index=None):
-        """x [B,T,D]; visible bool[B,T,S]; kv_cache (k, v) each [B,S,K,H] or None.
-        Returns (out [B,T,D], (k, v) written cache or None)."""
-        q = self._proj(self.q_proj, x)  # [B, T, N, H]
-        k = self._proj(self.k_proj, x)  # [B, T, K, H]
+    def qkv(self, x, positions, inv_freq):
+        """x [B,T,D], positions [B,T] -> q [B,T,N,H], k, v [B,T,K,H] (q/k norm and RoPE applied)."""
+        q = self._proj(self.q_proj, x)
+        k = self._proj(self.k_proj, x)
         v = self._proj(self.v_proj, x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-        if kv_cache is not None:
-            ck, cv = kv_cache
-            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
-            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
-            k, v, new_cache = ck.astype(x.dtype), cv.astype(x.dtype), (ck, cv)
-        else:
-            new_cache = None
-        b, t, n, h = q.shape
-        kh = self.num_kv_heads
-        q = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=F32)
-        scores = scores * (1.0 / math.sqrt(h))
-        scores = jnp.where(visible[:, None, None, :, :], scores, _NEG)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
-        out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj.kernel[...].astype(x.dtype))
-        return out, new_cache
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def output(self, attended: jax.Array) -> jax.Array:
+        """[B,T,N,H] attention outputs -> [B,T,D]. Heads and head dim are contracted as one
+        merged dim F = N*H: XLA then lays out the (small) activation to match the kernel,
+        instead of transposing the kernel (on every decode step, on CPU)."""
+        b, t, n, h = attended.shape
+        kernel = self.o_proj.kernel[...].astype(attended.dtype).reshape(n * h, -1)  # [F, D]
+        return jnp.einsum("BTF,FD->BTD", attended.reshape(b, t, n * h), kernel)
+
+    def __call__(self, x, positions, inv_freq, attend):
+        """x [B,T,D], positions [B,T]; attend(q [B,T,N,H], k, v [B,T,K,H]) -> (outputs
+        [B,T,N,H], aux): stores the keys/values where the caller keeps them and runs
+        `attention` over them. Returns (out [B,T,D], aux)."""
+        q, k, v = self.qkv(x, positions, inv_freq)
+        attended, aux = attend(q, k, v)
+        return self.output(attended), aux
 
 
 class MLP(nnx.Module):
@@ -207,17 +205,19 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, visible, kv_cache=None, index=None):
-        attn, new_cache = self.attn(self.input_norm(x), positions, inv_freq, visible, kv_cache, index)
+    def __call__(self, x, positions, inv_freq, attend):
+        """x [B,T,D] -> (x [B,T,D], aux of `attend`; see `Attention.__call__`)."""
+        attn, aux = self.attn(self.input_norm(x), positions, inv_freq, attend)
         x = x + attn
         x = x + self.mlp(self.post_attn_norm(x))
-        return mesh_lib.constrain(x, ("batch", "seq", "act_embed")), new_cache
+        return mesh_lib.constrain(x, ("batch", "seq", "act_embed")), aux
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Per-layer keys/values [L,B,S,K,H], slot validity [B,S] and the next write slot []."""
+    """Per-layer keys [L,B,K,H,S] and values [L,B,K,S,H] (the layouts `attention` reads), slot
+    validity [B,S] and the next write slot []."""
 
     k: jax.Array
     v: jax.Array
@@ -226,12 +226,13 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.v.shape[3]
 
-    def repeat(self, n: int) -> "KVCache":
-        """Each row repeated n times consecutively (one prefilled prompt shared by a group)."""
-        rep = lambda a, axis: jnp.repeat(a, n, axis=axis)
-        return KVCache(rep(self.k, 1), rep(self.v, 1), rep(self.valid, 0), self.index)
+
+def project_logits(hidden: jax.Array, unembedding: jax.Array) -> jax.Array:
+    """float32 logits [B,T,V] from final hidden states [B,T,D] and the output projection [D,V]."""
+    out = jnp.einsum("BTD,DV->BTV", hidden, unembedding.astype(hidden.dtype), preferred_element_type=F32)
+    return mesh_lib.constrain(out, ("batch", "seq", "vocab"))
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -261,15 +262,13 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits [B,T,V] from final hidden states [B,T,D]."""
-        w = self.unembedding().astype(hidden.dtype)
-        out = jnp.einsum("BTD,DV->BTV", hidden, w, preferred_element_type=F32)
-        return mesh_lib.constrain(out, ("batch", "seq", "vocab"))
+        return project_logits(hidden, self.unembedding())
 
     def init_cache(self, batch: int, max_len: int, dtype: Optional[str] = None) -> KVCache:
         cfg = self.config
         dt = dtype_of(dtype or cfg.dtype)
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt),
+        l, k, h = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+        return KVCache(jnp.zeros((l, batch, k, h, max_len), dt), jnp.zeros((l, batch, k, max_len, h), dt),
                        jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
     # ---- forward ---------------------------------------------------------------------------
@@ -284,17 +283,14 @@ class Decoder(nnx.Module):
         if cache is None:
             if positions is None:
                 positions = positions_from_mask(mask)
-            q_slot = jnp.arange(t)
-            visible = mask[:, None, :] & (q_slot[None, :] <= q_slot[:, None])[None]  # [B, T, T]
-            index = None
+            q_slot = jnp.broadcast_to(jnp.arange(t), (b, t))
+            kv_mask, index = mask, None
         else:
             if positions is None:
                 raise ValueError("decode with a cache needs explicit positions")
             index = cache.index
-            valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask, index, axis=1)
-            q_slot = index + jnp.arange(t)
-            k_slot = jnp.arange(cache.max_len)
-            visible = valid[:, None, :] & (k_slot[None, :] <= q_slot[:, None])[None]  # [B, T, S]
+            kv_mask = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask, index, axis=1)
+            q_slot = jnp.broadcast_to(index + jnp.arange(t), (b, t))
 
         x = jnp.take(self.embed.embedding[...], tokens, axis=0).astype(dt)
         x = mesh_lib.constrain(x, ("batch", "seq", "act_embed"))
@@ -304,8 +300,17 @@ class Decoder(nnx.Module):
         def body(carry, xs):
             layer_state, layer_cache = xs
             block = nnx.merge(block_def, layer_state)
-            out, new_cache = block(carry, positions, inv_freq, visible, layer_cache, index)
-            return out, new_cache
+
+            def attend(q, k, v):
+                k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,H,T], [B,K,T,H]
+                if layer_cache is None:
+                    return attention(q, k, v, q_slot, kv_mask), None
+                ck, cv = layer_cache
+                ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=3)
+                cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=2)
+                return attention(q, ck, cv, q_slot, kv_mask), (ck, cv)
+
+            return block(carry, positions, inv_freq, attend)
 
         if cfg.remat == "full":
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
@@ -317,7 +322,7 @@ class Decoder(nnx.Module):
         x = self.final_norm(x)
         if cache is None:
             return x, None
-        return x, KVCache(new_kv[0], new_kv[1], valid, index + t)
+        return x, KVCache(new_kv[0], new_kv[1], kv_mask, index + t)
 
     def __call__(self, tokens, mask=None, positions=None) -> jax.Array:
         """float32 logits [B,T,V] of a full (left-padded) sequence batch."""
