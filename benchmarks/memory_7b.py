@@ -58,7 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from srft_jax import mesh as mesh_lib  # noqa: E402
-from srft_jax.models import ModelConfig, abstract_model, state_shardings  # noqa: E402
+from srft_jax.models import ModelConfig, abstract_model  # noqa: E402
 
 GB = 1e9
 PROMPT, RESPONSE = 1024, 8192

@@ -199,7 +199,7 @@ def write_all(out: str, base_eval: dict, records: list[dict], search: list[dict]
             main_table(results, base_eval, HEADLINE, MAIN),
             "\nAblation (the paper: SRFT 59.1; w_sft = 1: 55.1; w_rl = 1: 56.2):\n", ablation_table(results),
             "\nGreedy decoding:\n", main_table(results, base_eval, "greedy", MAIN + ABLATION[1:]),
-            f"\nLearning-rate search (validation accuracy %, temperature 0.6, seed 0):\n",
+            "\nLearning-rate search (validation accuracy %, temperature 0.6, seed 0):\n",
             lr_table(search, chosen, budget.lrs),
             "\nToken analysis (`srft-jax analyze`, seed-0 models against the base):\n", analysis_table(analysis),
             f"\nBudget: {json.dumps(dataclasses.asdict(budget))}\n",

@@ -11,6 +11,14 @@ on the same batch (B sequences of P prompt + R response tokens):
   - torch: `model(input_ids, labels=...)` (cross entropy over the response tokens), backward,
     `clip_grad_norm_`, `torch.optim.AdamW.step()`.
 Compiles are excluded (one warm-up step each). Prints tokens/s of each and the ratio.
+
+Bound: both sides are bound by matrix-multiply throughput on a CPU. The script counts the least
+work a step must do -- 6 FLOPs per parameter per token for the decoder blocks (every token) and
+the output projection (response tokens only; torch projects every token), plus causal attention
+(forward 2 x S^2 x D per layer and sequence, x 3 with the backward) -- and measures this
+machine's float32 matrix-multiply rate in the same run (the faster of NumPy's and torch's BLAS
+on the step's own [B*S, D] x [D, F] product, best of 5). Bound = FLOPs / rate: the fastest a
+step could run; each side's share of it is printed.
 """
 
 from __future__ import annotations
@@ -109,6 +117,25 @@ def main():
         torch_step()
         theirs.append(time.perf_counter() - t)
 
+    # Least work of one step, and this machine's matmul rate (same run).
+    d, f, v, L, s_len = args.hidden, hf_cfg.intermediate_size, args.vocab, args.layers, p + r
+    body = L * (4 * d * d + 3 * d * f)
+    flops = 6 * body * b * s_len + 6 * v * d * b * r + 3 * 2 * s_len * s_len * d * b * L
+    x32 = rng.standard_normal((b * s_len, d)).astype(np.float32)
+    w32 = rng.standard_normal((d, f)).astype(np.float32)
+    rates = {}
+    for name, mm, xa, wa in (("numpy", np.matmul, x32, w32),
+                             ("torch", torch.matmul, torch.from_numpy(x32), torch.from_numpy(w32))):
+        mm(xa, wa)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            mm(xa, wa)
+            best = min(best, time.perf_counter() - t)
+        rates[name] = 2 * b * s_len * d * f / best
+    rate = max(rates.values())
+    bound = flops / rate
+
     ours_tps = tokens_per_step / min(ours)
     torch_tps = tokens_per_step / min(theirs)
     print(f"model: Llama-shaped, {n_params / 1e6:.1f}M parameters, batch {b} x ({p} + {r}) tokens, "
@@ -116,6 +143,10 @@ def main():
     print(f"srft-jax train step: {min(ours):.3f} s/step, {ours_tps:.0f} response tokens/s")
     print(f"torch (transformers): {min(theirs):.3f} s/step, {torch_tps:.0f} response tokens/s")
     print(f"ratio (ours / torch): {ours_tps / torch_tps:.2f}")
+    print(f"bound: {flops / 1e9:.0f} GFLOP per step at {rate / 1e9:.0f} GFLOP/s (matmul: numpy "
+          f"{rates['numpy'] / 1e9:.0f}, torch {rates['torch'] / 1e9:.0f}) = {bound:.2f} s/step, "
+          f"{tokens_per_step / bound:.0f} tokens/s; ours at {bound / min(ours):.0%} of it, "
+          f"torch at {bound / min(theirs):.0%}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ from srft_jax.config import Config
 READ_ELSEWHERE = {
     "loss.preset": "resolved into the loss switches by SRFTLossConfig.__post_init__",
 }
+# Fields that only mean something when another field selects them (the demo run does not):
+# field -> the overrides that select it. `test_selected_fields_are_read` checks each.
+READ_WHEN_SELECTED = {
+    "loss.rl_norm_constant": {"rl_normalizer": "constant"},
+}
 
 
 def _sections(cls=Config, prefix=""):
@@ -72,7 +77,7 @@ def assert_every_field_read(reads: set) -> None:
     """Every leaf field of every section is in `reads` or in READ_ELSEWHERE (and no more)."""
     fields = {f"{name}.{f.name}" for name, cls in _sections() for f in dataclasses.fields(cls)}
     fields -= {name for name, _ in _sections()}  # nested sections themselves (train.optim, ...)
-    unread = sorted(fields - reads - set(READ_ELSEWHERE))
+    unread = sorted(fields - reads - set(READ_ELSEWHERE) - set(READ_WHEN_SELECTED))
     assert not unread, f"config fields no training code read: {unread}"
     assert not reads & set(READ_ELSEWHERE), "READ_ELSEWHERE lists a field the loop reads"
 
@@ -89,3 +94,19 @@ def test_the_recorder_sees_reads_and_ignores_validation(monkeypatch):
     assert {"train.optim.lr", "train.optim.warmup_steps", "train.optim.schedule"} <= reads
     with pytest.raises(AssertionError, match="config fields no training code read"):
         assert_every_field_read(reads)
+
+
+def test_selected_fields_are_read(monkeypatch):
+    """A field listed in READ_WHEN_SELECTED is read by the loss once its switch selects it."""
+    import numpy as np
+
+    from srft_jax.losses import SRFTLossConfig
+    from srft_jax.losses.srft import loss_normalizers
+
+    reads = record_config_reads(monkeypatch)
+    batch = {"response_mask": np.ones((2, 3), np.float32), "is_demo": np.array([True, False])}
+    for field, switch in READ_WHEN_SELECTED.items():
+        section, name = field.split(".")
+        assert section == "loss", field
+        loss_normalizers(batch, SRFTLossConfig(preset="paper", **switch, **{name: 8.0}))
+        assert field in reads

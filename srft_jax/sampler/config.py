@@ -1,10 +1,10 @@
-"""`SamplerConfig` (the `sampler:` section of a training config) and shape buckets."""
+"""`SamplerConfig`: the `sampler:` section of a training config."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 KV_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from srft_jax import distributed, mesh as mesh_lib
+from srft_jax import distributed
 from srft_jax.sampler import loop
 from srft_jax.sampler.config import SamplerConfig
 from srft_jax.shapes import bucket_length, widen_left

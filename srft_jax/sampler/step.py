@@ -134,10 +134,6 @@ class SlotCache:
         return tuple(b.shape[2] for b in self.v[0])
 
 
-def block_sizes(self) -> tuple[int, ...]:
-        return tuple(b.shape[2] for b in self.v[0])
-
-
 def block_sizes(cache_len: int, kv_block: int) -> tuple[int, ...]:
     """Sizes of the blocks of a `cache_len`-slot cache: kv_block each, the last shorter."""
     full, rest = divmod(cache_len, kv_block)
