@@ -13,11 +13,11 @@ import errno
 import glob
 import os
 import struct
-import subprocess
 import threading
 
 import numpy as np
 import pytest
+from conftest import mount_tmpfs
 
 from srft_jax.faults import RunWriteError
 from srft_jax.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, read_metrics
@@ -138,16 +138,8 @@ def test_injected_tensorboard_failure(tmp_path, monkeypatch):
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with mount_tmpfs(tmp_path / "disk", "64k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.parametrize("tensorboard", [True, False], ids=["with-tensorboard", "jsonl-only"])

@@ -117,7 +117,7 @@ def test_setup_installs_the_tpu_extra_on_every_worker():
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "srft-test"]
     assert _flag(ssh, "--worker") == "all"
     remote = _flag(ssh, "--command")
-    assert "pip install" in remote and '"./srft-jax[tpu]"' in remote and "tar -xzf" in remote
+    assert "pip install" in remote and '"./srft-jax[tpu,tfds]"' in remote and "tar -xzf" in remote
     (ssh,) = _dry("setup", *BASE, "--git", "https://example.com/srft-jax.git", "--ref", "v1")
     assert "git clone --depth 1 --branch v1 https://example.com/srft-jax.git srft-jax" in _flag(ssh, "--command")
 

@@ -7,7 +7,7 @@
 #
 # Commands:
 #   create   create the TPU VM (or, with --queued, a queued resource and wait until ACTIVE)
-#   setup    copy this checkout (or clone --git URL) to every worker and pip install '.[tpu]'
+#   setup    copy this checkout (or clone --git URL) to every worker and pip install '.[tpu,tfds]'
 #   data     copy --data-src (a local folder or gs://...) to ~/srft-data on every worker, and/or
 #            download --hf-model ID there (--paper-16k: the paper's RoPE theta 40k / 16k window)
 #   mount    mount an NFS export (e.g. Filestore) at --mount-point on every worker: the shared
@@ -217,7 +217,7 @@ cmd_setup() {
   local install="$fetch"
   install+=" && python3 -m pip install --user -q uv"
   install+=" && python3 -m uv venv --python $PYVER $REMOTE_VENV"
-  install+=" && python3 -m uv pip install --python $REMOTE_VENV/bin/python -e \"./${REMOTE_REPO}[tpu]\""
+  install+=" && python3 -m uv pip install --python $REMOTE_VENV/bin/python -e \"./${REMOTE_REPO}[tpu,tfds]\""
   install+=" && $REMOTE_VENV/bin/python -c \"import jax; print(jax.devices())\""
   tpu_ssh all "$install"
 }
