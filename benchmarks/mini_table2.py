@@ -81,7 +81,7 @@ FULL = Budget(steps=50, prompts_per_step=16, rollouts_per_prompt=7, updates_per_
               pretrain_steps=150, pretrain_prompts=64, hard_fraction=0.015)
 # --quick: one seed, no search; every method at the LR the full run's search chose.
 QUICK = dataclasses.replace(FULL, lrs=(), seeds=1)
-FULL_RUN_LRS = {"sft": 3e-4, "grpo": 3e-5, "sft_grpo": 1e-4, "luffy": 1e-4, "srft_paper": 3e-4,
+FULL_RUN_LRS = {"sft": 3e-4, "grpo": 1e-4, "sft_grpo": 1e-4, "luffy": 1e-4, "srft_paper": 3e-4,
                 "srft_official": 3e-4, "srft_fixed_wsft": 3e-4, "srft_fixed_wrl": 3e-4}
 SMOKE = dataclasses.replace(FULL, steps=2, prompts_per_step=4, rollouts_per_prompt=3, lrs=(3e-4,),
                             seeds=1, eval_limit=4, eval_samples=2, pretrain_steps=2, pretrain_prompts=4,
