@@ -79,14 +79,14 @@ def tmp_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("sampler_models"))
 
 
-def _prompts(lengths, width=None, seed=0):
-    """Left-padded random prompts (token ids 1..VOCAB-1, never the pad id)."""
+def _prompts(lengths, width=None, seed=0, vocab=VOCAB):
+    """Left-padded random prompts (token ids 1..vocab-1, never the pad id)."""
     width = width or max(lengths)
     rs = np.random.RandomState(seed)
     tokens = np.full((len(lengths), width), PAD, np.int32)
     mask = np.zeros((len(lengths), width), np.int32)
     for i, n in enumerate(lengths):
-        tokens[i, width - n:] = rs.randint(1, VOCAB, n)
+        tokens[i, width - n:] = rs.randint(1, vocab, n)
         mask[i, width - n:] = 1
     return tokens, mask
 

@@ -23,6 +23,7 @@ from srft_jax.models.config import ModelConfig
 from srft_jax.models.decoder import Decoder
 from srft_jax.models.weights import state_shardings
 from srft_jax.sampler import Sampler, SamplerConfig
+from test_sampler import _prompts as sampler_prompts
 
 VOCAB, PAD = 96, 0
 CFG = SamplerConfig(max_new_tokens=12, prompt_buckets=(8,), response_buckets=(16,), kv_block=8)
@@ -36,13 +37,7 @@ def _model(seed: int = 0):
 
 
 def _prompts(lengths, width=8, seed=0):
-    rs = np.random.RandomState(seed)
-    tokens = np.full((len(lengths), width), PAD, np.int32)
-    mask = np.zeros((len(lengths), width), np.int32)
-    for i, n in enumerate(lengths):
-        tokens[i, width - n:] = rs.randint(1, VOCAB, n)
-        mask[i, width - n:] = 1
-    return tokens, mask
+    return sampler_prompts(lengths, width, seed, vocab=VOCAB)
 
 
 def _stops_at_different_steps(out) -> tuple[int, ...]:
