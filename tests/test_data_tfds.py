@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+from test_data_training import row
 
 import tensorflow_datasets as tfds  # the tfds extra, part of the test extra
 
@@ -32,16 +33,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_byte_tokenizer()
-
-
-def row(q, demo, gt, source="numina", user_prefix="This is the problem: "):
-    return {
-        "data_source": source,
-        "prompt": [{"role": "system", "content": "their own system prompt"},
-                   {"role": "user", "content": user_prefix + q}],
-        "target": [{"role": "assistant", "content": demo}],
-        "reward_model": {"ground_truth": gt, "style": "rule"},
-    }
 
 
 def good_row(i):
