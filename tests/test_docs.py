@@ -118,7 +118,8 @@ def test_readme_is_short():
 
 @pytest.mark.parametrize("path", markdown_files(), ids=lambda p: os.path.relpath(p, ROOT))
 def test_relative_links_resolve(path):
-    assert broken_links(path) == []
+    bad = broken_links(path)
+    assert bad == [], "broken links in " + os.path.relpath(path, ROOT) + ": " + "; ".join(bad)
 
 
 def test_readme_links_every_docs_page():
