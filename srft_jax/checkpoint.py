@@ -6,7 +6,7 @@ renamed when complete), so a run killed at any moment, `kill -9` included, leave
 complete checkpoint or one that `latest_step()` does not see; partial saves left behind are
 removed when the next run starts.
 
-Faults (see the README, "What survives what"):
+Faults (see docs/faults.md, "What survives what"):
 - A save that fails (disk full, quota, permissions) raises `RunWriteError` naming the path and
   the OS error: at once when orbax fails before returning, else at `check()` (call it once per
   step; it never blocks), at the next `save` or at `close`. The previous complete checkpoint is

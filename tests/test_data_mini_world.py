@@ -1,4 +1,4 @@
-"""The mini Table 2's world: every set is what the README says, answers are right (an
+"""The mini Table 2's world: every set is what docs/mini-table2.md says, answers are right (an
 independent left-to-right evaluator), and no held-out expression is ever trained on."""
 
 import json

@@ -77,7 +77,7 @@ def open_builder(source: str, data_dir: Optional[str] = None):
             builder = None
         if builder is None or not builder.info.splits:
             raise FileNotFoundError(f"no prepared TFDS dataset {name!r} under {where}; prepare it "
-                                    "with file_format='array_record' (README, Data) or set "
+                                    "with file_format='array_record' (docs/data.md, GSM8K) or set "
                                     "data.tfds_data_dir")
         return builder
     from etils import epath
