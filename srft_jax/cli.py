@@ -114,14 +114,18 @@ def quiet_start() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
         return
-    from jax._src import hardware_utils  # reads /sys and /dev only; no backend starts
+    try:  # JAX's own checks; they read /sys and /dev only, no backend starts
+        from jax._src import hardware_utils
 
-    if (hardware_utils.num_available_tpu_chips_and_device_id()[0] or hardware_utils.has_visible_nvidia_gpu()
-            or os.path.exists("/dev/kfd")):
+        accelerator = (hardware_utils.num_available_tpu_chips_and_device_id()[0]
+                       or hardware_utils.has_visible_nvidia_gpu())
+    except (ImportError, AttributeError):  # a JAX without them: leave the choice to JAX
+        return
+    if accelerator or os.path.exists("/dev/kfd"):  # /dev/kfd: an AMD GPU (ROCm)
         return
     import jax
 
-    if not jax.config.jax_platforms:  # read from the environment when jax was imported
+    if not getattr(jax.config, "jax_platforms", None):  # read from the environment on import
         os.environ["JAX_PLATFORMS"] = "cpu"
         jax.config.update("jax_platforms", "cpu")
 
@@ -134,10 +138,10 @@ def main(argv=None) -> int:
         sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
         _HOOKED = True
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    quiet_start()
     args = None
     try:
         args = build_parser().parse_args(argv)
+        quiet_start()  # after parsing: `--help` and usage errors stay fast (no JAX import)
         logging.basicConfig(level=args.log_level,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         for noisy in ("absl", "jax._src.xla_bridge"):  # orbax's and JAX's start-up chatter

@@ -36,7 +36,9 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from srft_jax.data.convert import convert_to_tfds
+    from srft_jax.data.sources import check_local_source
 
+    check_local_source(args.src, "SRC")
     summaries = convert_to_tfds(
         args.src, args.dest, args.split, require_demo=not args.allow_no_demo,
         hf_name=args.hf_name, tfds_data_dir=args.tfds_data_dir,
