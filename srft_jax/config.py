@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from srft_jax.data.config import DataConfig
-from srft_jax.faults import RunError
+from srft_jax.faults import UsageError
 from srft_jax.losses import SRFTLossConfig
 from srft_jax.mesh import MeshConfig
 from srft_jax.models.config import DTYPES, PRESETS, REMAT, preset
@@ -31,8 +31,9 @@ from srft_jax.train_step import OptimizerConfig
 log = logging.getLogger(__name__)
 
 
-class ConfigError(RunError, ValueError):
-    """A configuration file or override is invalid; the message names the key and source."""
+class ConfigError(UsageError):
+    """A configuration file or override is invalid; the message names the key and source
+    (`srft-jax` exits 2)."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,11 @@
 """The failures a run turns into a one-line exit instead of a traceback or a hang.
 
 `RunError` is the base: a problem the user can act on, whose `str()` is one line naming the file
-or key; `srft-jax` prints it as `error: ...` and exits 1, without a traceback.
+or key; `srft-jax` prints it as `error: ...` and exits 1, without a traceback. `UsageError` (and
+its subclass `config.ConfigError`) is a command line or config that is wrong as written, whatever
+the files and devices: exit 2, as argparse does. `MissingDataError`: a path that does not exist or
+lacks a file it needs (a model directory without weights or tokenizer). `MeshError`: a mesh that
+does not fit the devices.
 
 `RunWriteError`: writing a run's output failed (a checkpoint, metrics.jsonl, TensorBoard
 events): disk full, quota, permissions, a vanished mount. It names the path and the OS error;
@@ -26,6 +30,15 @@ _TS_PATH = re.compile(r'(?:Failed writing|Error writing local file|local file|Fa
 
 class RunError(Exception):
     """A problem the user can act on; `str()` is one line naming the file or key."""
+
+
+class UsageError(RunError, ValueError):
+    """A command-line argument or config value that is wrong as written (an unknown name, a
+    malformed size): `srft-jax` exits 2. The message names the argument or key."""
+
+
+class MeshError(RunError, ValueError):
+    """A mesh (`mesh.data/fsdp/tensor`) that does not fit the devices of this machine or job."""
 
 
 class RunWriteError(RunError):
@@ -55,8 +68,22 @@ class DataError(RunError, ValueError):
     """Training data that cannot be used; the message names the file or the config key."""
 
 
+class DestinationExistsError(RunError, FileExistsError):
+    """An output path that must be new (or empty) holds files already; the message names it."""
+
+
+class BadModelError(RunError, ValueError):
+    """A model file or directory that cannot be used: a config.json this project cannot read
+    or does not support, tensors that do not match the architecture; the message names the file."""
+
+
+class MissingExtraError(RunError, ImportError):
+    """An optional dependency is not installed; the message says which extra to install."""
+
+
 class MissingDataError(RunError, FileNotFoundError):
-    """A data file or directory that does not exist; the message names it."""
+    """A file or directory that does not exist, or lacks a file it needs (data, a model
+    directory's weights or tokenizer, a run's metrics); the message names it and the argument."""
 
 
 def os_error_of(exc: BaseException) -> tuple[Optional[int], str, Optional[str]]:

@@ -27,6 +27,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from srft_jax.faults import MeshError, UsageError
+
 AXES = ("data", "fsdp", "tensor")
 
 RULES: dict[str, tuple[str, ...]] = {
@@ -65,22 +67,25 @@ class MeshConfig:
     def __post_init__(self):
         sizes = (self.data, self.fsdp, self.tensor)
         if sum(s == -1 for s in sizes) > 1:
-            raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+            raise UsageError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
         for name, s in zip(AXES, sizes):
             if s == 0 or s < -1:
-                raise ValueError(f"mesh.{name} must be a positive size or -1, got {s}")
+                raise UsageError(f"mesh.{name} must be a positive size or -1, got {s}")
 
     def shape(self, num_devices: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
         known = math.prod(s for s in sizes if s != -1)
+        given = " ".join(f"mesh.{name}={s}" for name, s in zip(AXES, sizes))
+        plural = "device" if num_devices == 1 else "devices"
         if -1 in sizes:
             if num_devices % known:
-                raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed "
-                                 f"axis sizes {dict(zip(AXES, sizes))}")
+                raise MeshError(f"{given}: the {num_devices} {plural} are not divisible by the "
+                                f"fixed axis sizes (their product is {known})")
             sizes[sizes.index(-1)] = num_devices // known
         if math.prod(sizes) != num_devices:
-            raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are "
-                             f"{num_devices} devices (use -1 for one axis to absorb the rest)")
+            raise MeshError(f"{given}: data*fsdp*tensor = {math.prod(sizes)} but there "
+                            f"{'is' if num_devices == 1 else 'are'} {num_devices} {plural} "
+                            f"(use -1 for one axis to absorb the rest)")
         return tuple(sizes)
 
 

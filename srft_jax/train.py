@@ -224,6 +224,7 @@ class UpdateFunctions:
 
 def setup_run(cfg: Config) -> Run:
     """Mesh, tokenizer, data, sampler, reward pool, checkpointer and metric sinks of a run."""
+    runs.check_run_sources(cfg.model, cfg.data.source)  # a bad path fails before anything starts
     cfg = cfg.replace(mesh=distributed.initialize(cfg.mesh))
     run_dir = cfg.train.run_dir
     os.makedirs(run_dir, exist_ok=True)

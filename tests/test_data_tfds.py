@@ -162,11 +162,11 @@ def test_data_convert_command(tmp_path, capsys):
     assert rc == 0
     assert "train: read 21 rows, wrote 6; bad rows 15" in out and "missing_prompt=1" in out
     assert len(read_back(dest)["train"]) == 6
-    rc = cli_main(["data", "convert", str(src), str(dest), "--no-progress"])
-    assert rc == 2 and "error:" in capsys.readouterr().out
+    rc = cli_main(["data", "convert", str(src), str(dest), "--no-progress"])  # dest is not empty
+    assert rc == 1 and capsys.readouterr().err == f"error: {dest} already exists and is not empty\n"
     rc = cli_main(["data", "convert", str(src), str(tmp_path / "x"), "--split", "test",
                    "--no-progress"])
-    assert rc == 2 and "no 'test' files" in capsys.readouterr().out
+    assert rc == 1 and "no 'test' files" in capsys.readouterr().err
 
 
 # ---- training from TFDS --------------------------------------------------------------------

@@ -13,6 +13,8 @@ prompt template is the base's. Writes `summary.json` and `analysis.png` (see
 
 from __future__ import annotations
 
+from srft_jax.commands.common import non_negative_float, positive_int
+
 
 def add_arguments(parser):
     parser.add_argument("--base", required=True, help="the base model (HF or run directory)")
@@ -22,21 +24,32 @@ def add_arguments(parser):
                         help="comma-separated names for the models (default: directory names)")
     parser.add_argument("--data", required=True, help="responses to score (training-layout file)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--threshold", type=float, default=0.1,
+    parser.add_argument("--threshold", type=non_negative_float, default=0.1,
                         help="a token 'changed' when |p_model - p_base| exceeds this (default 0.1)")
-    parser.add_argument("--limit", type=int, default=None, help="score the first N responses")
-    parser.add_argument("--max-prompt-len", type=int, default=4096, help="default 4096")
-    parser.add_argument("--max-response-len", type=int, default=8192, help="default 8192")
-    parser.add_argument("--batch-size", type=int, default=64, help="responses per forward pass")
+    parser.add_argument("--limit", type=positive_int, default=None, help="score the first N responses")
+    parser.add_argument("--max-prompt-len", type=positive_int, default=4096, help="default 4096")
+    parser.add_argument("--max-response-len", type=positive_int, default=8192, help="default 8192")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="responses per forward pass")
 
 
 def run(args) -> int:
     import json
 
     from srft_jax.analysis import analyze
+    from srft_jax.data.sources import check_local_source
+    from srft_jax.faults import UsageError
+    from srft_jax.runs import check_model_source
 
     models = [m for m in args.models.split(",") if m]
     names = [n for n in args.names.split(",") if n] if args.names else None
+    if not models:
+        raise UsageError(f"--models={args.models!r} names no model")
+    if names is not None and (len(names) != len(models) or len(set(names)) != len(names)):
+        raise UsageError(f"--names={args.names!r}: give {len(models)} unique names, one per model")
+    check_model_source(args.base, "--base", gguf=False)
+    for m in models:
+        check_model_source(m, "--models", gguf=False)
+    check_local_source(args.data, "--data")
     summary = analyze(args.base, models, args.data, args.out, names=names, threshold=args.threshold,
                       max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len,
                       limit=args.limit, batch_size=args.batch_size)

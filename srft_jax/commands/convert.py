@@ -35,16 +35,16 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from srft_jax.faults import UsageError
     from srft_jax.models.convert import convert
     from srft_jax.models.weights import count_params, read_model_config
-    from srft_jax.runs import resolve_model_path
+    from srft_jax.runs import check_model_source
 
     try:
-        src = resolve_model_path(args.src)
         max_shard_bytes = parse_size(args.max_shard_size)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}")
-        return 2
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    src = check_model_source(args.src, "SRC", tokenizer=False, run_dir=False)
     out = convert(src, args.out, args.dtype, max_shard_bytes)
     cfg = read_model_config(out)
     print(f"wrote {out}: {cfg.arch}, {count_params(cfg):,} parameters in {args.dtype}")

@@ -36,15 +36,13 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from srft_jax.data.convert import convert_to_tfds
+    from srft_jax.data.sources import check_local_source
 
-    try:
-        summaries = convert_to_tfds(
-            args.src, args.dest, args.split, require_demo=not args.allow_no_demo,
-            hf_name=args.hf_name, tfds_data_dir=args.tfds_data_dir,
-            progress=not args.no_progress)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
-        print(f"error: {e}")
-        return 2
+    check_local_source(args.src, "SRC")
+    summaries = convert_to_tfds(
+        args.src, args.dest, args.split, require_demo=not args.allow_no_demo,
+        hf_name=args.hf_name, tfds_data_dir=args.tfds_data_dir,
+        progress=not args.no_progress)
     for s in summaries:
         print(s.summary())
     print(f"wrote {args.dest}: TFDS splits {[s.split for s in summaries]}, "

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from srft_jax.commands.common import (mesh_size, non_negative_float, positive_float, positive_int,
+                                     unit_interval)
 from srft_jax.rewards import DEFAULT_REWARD_TIMEOUT
 
 PAPER_BENCHMARKS = "aime24,amc,math500,minerva,olympiad,arc_c,gpqa_diamond,mmlu_pro"
@@ -33,32 +35,32 @@ def add_arguments(parser):
     parser.add_argument("--out", default=None, help="output directory (default: <model>/eval)")
     parser.add_argument("--name", default=None,
                         help="model name in the table (default: the model directory's name)")
-    parser.add_argument("--temperature", type=float, default=0.6, help="default 0.6 (0 = greedy)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="default 1.0")
-    parser.add_argument("--max-new-tokens", type=int, default=8192, help="default 8192")
-    parser.add_argument("--n", type=int, default=None,
+    parser.add_argument("--temperature", type=non_negative_float, default=0.6, help="default 0.6 (0 = greedy)")
+    parser.add_argument("--top-p", type=unit_interval, default=1.0, help="default 1.0")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=8192, help="default 8192")
+    parser.add_argument("--n", type=positive_int, default=None,
                         help="samples per item for every benchmark (overrides the paper's "
                              "avg@32 on aime24/amc)")
     parser.add_argument("--samples", default=None,
                         help="per-benchmark samples, e.g. aime24=4,amc=4 (applied after --n)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--batch-size", type=int, default=128,
+    parser.add_argument("--batch-size", type=positive_int, default=128,
                         help="sequences per sampler call (default 128)")
-    parser.add_argument("--limit", type=int, default=None, help="first N items of each benchmark")
+    parser.add_argument("--limit", type=positive_int, default=None, help="first N items of each benchmark")
     parser.add_argument("--system-prompt", default=None,
                         help="system prompt (default: LUFFY's, or the run's training prompt)")
     parser.add_argument("--think-prefix", default=None,
                         help="text after the generation prompt (default '<think>\\n', or the run's)")
-    parser.add_argument("--reward-workers", type=int, default=None,
+    parser.add_argument("--reward-workers", type=positive_int, default=None,
                         help="reward worker processes (default: one per CPU core)")
-    parser.add_argument("--reward-timeout", type=float, default=DEFAULT_REWARD_TIMEOUT,
+    parser.add_argument("--reward-timeout", type=positive_float, default=DEFAULT_REWARD_TIMEOUT,
                         help=f"seconds per response for Math-Verify (default {DEFAULT_REWARD_TIMEOUT:g})")
     parser.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
                         help="print two evaluated runs (results.json, or a directory holding "
                              "one or eval/results.json) side by side, then exit")
-    parser.add_argument("--data", type=int, default=1, help="mesh data axis size (default 1)")
-    parser.add_argument("--fsdp", type=int, default=-1, help="mesh fsdp axis size (default -1 = rest)")
-    parser.add_argument("--tensor", type=int, default=1, help="mesh tensor axis size (default 1)")
+    parser.add_argument("--data", type=mesh_size, default=1, help="mesh data axis size (default 1)")
+    parser.add_argument("--fsdp", type=mesh_size, default=-1, help="mesh fsdp axis size (default -1 = rest)")
+    parser.add_argument("--tensor", type=mesh_size, default=1, help="mesh tensor axis size (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -83,37 +85,47 @@ def protocol_from_args(args, template):
 
 
 def run(args) -> int:
+    from srft_jax.faults import MissingDataError, UsageError
+
     if args.compare:
         from srft_jax.evaluation.report import compare
 
-        print(compare(*args.compare), end="")
+        try:
+            table = compare(*args.compare)
+        except MissingDataError as e:
+            raise MissingDataError(f"--compare: {e}") from None
+        print(table, end="")
         return 0
     if not args.model:
-        print("error: --model is required (or --compare RUN_A RUN_B)")
-        return 2
+        raise UsageError("--model is required (or --compare RUN_A RUN_B)")
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     from srft_jax.data.eval_sets import BENCHMARKS
 
     unknown = [b for b in names if b not in BENCHMARKS]
     if unknown or not names:
-        print(f"error: unknown benchmarks {unknown}; choose from {sorted(BENCHMARKS)}")
-        return 2
+        raise UsageError(f"--benchmarks: unknown {unknown}; choose from {sorted(BENCHMARKS)}")
+    from srft_jax.data.prompts import PromptTemplate
+
+    try:  # the settings' own checks (--samples entries), before a model is loaded
+        protocol_from_args(args, PromptTemplate())
+    except ValueError as e:
+        raise UsageError(f"{e}") from None
+    from srft_jax.runs import check_model_source
+
+    check_model_source(args.model, "--model", gguf=False)
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        raise MissingDataError(f"--data-dir={args.data_dir!r}: no such directory")
 
     import jax
 
-    from srft_jax.evaluation.harness import CacheMismatch
     from srft_jax.evaluation.policy import evaluate_model
     from srft_jax.mesh import MeshConfig
 
-    try:
-        results, out = evaluate_model(
-            args.model, names, lambda template: protocol_from_args(args, template),
-            data_dir=args.data_dir, limit=args.limit, out=args.out, name=args.name,
-            mesh_config=MeshConfig(data=args.data, fsdp=args.fsdp, tensor=args.tensor),
-            progress=not args.no_progress)
-    except CacheMismatch as e:
-        print(f"error: {e}")
-        return 2
+    results, out = evaluate_model(
+        args.model, names, lambda template: protocol_from_args(args, template),
+        data_dir=args.data_dir, limit=args.limit, out=args.out, name=args.name,
+        mesh_config=MeshConfig(data=args.data, fsdp=args.fsdp, tensor=args.tensor),
+        progress=not args.no_progress)
     if jax.process_index() == 0:
         with open(os.path.join(out, "table.md"), encoding="utf-8") as f:
             print(f.read(), end="")

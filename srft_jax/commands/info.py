@@ -16,11 +16,7 @@ def run(args) -> int:
     from srft_jax.models.convert import checkpoint_summary, describe
     from srft_jax.runs import source_model_config
 
-    try:
-        cfg = source_model_config(args.model)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}")
-        return 2
+    cfg = source_model_config(args.model)
     print(f"model:         {args.model}")
     for line in describe(cfg):
         print(line)

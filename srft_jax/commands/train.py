@@ -16,13 +16,9 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from srft_jax.config import ConfigError, load_config, resolve_config_path
+    from srft_jax.config import load_config, resolve_config_path
 
-    try:
-        cfg = load_config(resolve_config_path(args.config or DEFAULT_CONFIG), args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}")
-        return 2
+    cfg = load_config(resolve_config_path(args.config or DEFAULT_CONFIG), args.overrides)
     from srft_jax.train import train
 
     result = train(cfg)

@@ -33,6 +33,7 @@ from typing import Iterator, Optional
 from srft_jax.data import sources, tfds_io
 from srft_jax.data.prompts import PAPER_TEMPLATE
 from srft_jax.data.training import RowError, parse_training_row
+from srft_jax.faults import DataError, MissingDataError
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def source_splits(source: str, hf_name: Optional[str] = None,
     if path.is_dir():
         return sources.local_split_names(path) or ["train"]
     if source.startswith((".", "/", "~")) or source.endswith(sources.SUFFIXES):
-        raise FileNotFoundError(f"no such file or directory: {source}")
+        raise MissingDataError(f"no such file or directory: {source}")
     import datasets
 
     return list(datasets.get_dataset_split_names(source, hf_name))
@@ -117,7 +118,7 @@ def convert_to_tfds(source: str, dest: str, split: Optional[str] = None, *,
         written = writer.write_split(name, _flat_rows(records, name, tally, require_demo))
         summary = SplitSummary(name, tally.rows_read, written, dict(tally.skipped))
         if not written:
-            raise ValueError(f"no usable rows in split {name!r} of {source} ({summary.summary()}); "
+            raise DataError(f"no usable rows in split {name!r} of {source} ({summary.summary()}); "
                              f"{dest} is incomplete")
         logger.info("%s", summary.summary())
         summaries.append(summary)

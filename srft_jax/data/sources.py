@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from srft_jax.data import tfds_io
-from srft_jax.faults import DataError
+from srft_jax.faults import DataError, MissingDataError, UsageError
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
@@ -46,18 +46,40 @@ def resolve_files(path: Path, split: Optional[str]) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"no such file or directory: {path}")
+        raise MissingDataError(f"no such file or directory: {path}")
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"no {'/'.join(SUFFIXES)} files under {path}")
+        raise MissingDataError(f"no {'/'.join(SUFFIXES)} files under {path}")
     if split:
         matching = [p for p in files if p.name.startswith(split)]
         if matching:
             return matching
         named = sorted({s for p in files for s in SPLIT_NAMES if p.name.startswith(s)})
         if named:
-            raise FileNotFoundError(f"no {split!r} files under {path} (it has {named})")
+            raise MissingDataError(f"no {split!r} files under {path} (it has {named})")
     return files
+
+
+def looks_local(source: str) -> bool:
+    """A source that can only be a local path (not a hub id): it starts with `.`, `/` or `~`
+    or ends with a data-file suffix."""
+    return source.startswith((".", "/", "~")) or source.endswith(SUFFIXES)
+
+
+def check_local_source(source: str, key: str) -> None:
+    """Fails with one line starting with `key` when `source` is a local path that does not
+    exist or a directory without data files; hub ids and TFDS sources are checked when read."""
+    if not source:
+        raise UsageError(f"{key} is empty: give a data file, a directory or a HF dataset id")
+    if tfds_io.is_tfds_source(source):
+        return
+    path = Path(os.path.expanduser(source))
+    if path.exists():
+        if path.is_dir() and not any(p.is_file() and p.suffix in SUFFIXES for p in path.rglob("*")):
+            raise MissingDataError(f"{key}={source!r}: no {'/'.join(SUFFIXES)} files in this directory")
+        return
+    if looks_local(source):
+        raise MissingDataError(f"{key}={source!r}: no such file or directory")
 
 
 def local_split_names(path: Path) -> list[str]:
@@ -149,8 +171,8 @@ def iter_records(
         for file in resolve_files(path, split):
             yield from _iter_file(file)
         return
-    if source.startswith((".", "/", "~")) or source.endswith(SUFFIXES):
-        raise FileNotFoundError(f"no such file or directory: {source}")
+    if looks_local(source):
+        raise MissingDataError(f"no such file or directory: {source}")
     yield from _iter_hub(source, split, hf_name)
 
 

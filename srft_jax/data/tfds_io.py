@@ -29,6 +29,8 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
+from srft_jax.faults import DataError, DestinationExistsError, MissingDataError, MissingExtraError
+
 TFDS_SCHEME = "tfds:"
 REMOTE_PREFIXES = ("gs://",)
 INFO_FILE = "dataset_info.json"
@@ -43,7 +45,7 @@ def _tfds():
     try:
         import tensorflow_datasets
     except ImportError as e:
-        raise ImportError("TFDS data needs the tfds extra: pip install 'srft-jax[tfds]'") from e
+        raise MissingExtraError("TFDS data needs the tfds extra: pip install 'srft-jax[tfds]'") from e
     return tensorflow_datasets
 
 
@@ -76,7 +78,7 @@ def open_builder(source: str, data_dir: Optional[str] = None):
         except tfds.core.registered.DatasetNotFoundError:
             builder = None
         if builder is None or not builder.info.splits:
-            raise FileNotFoundError(f"no prepared TFDS dataset {name!r} under {where}; prepare it "
+            raise MissingDataError(f"no prepared TFDS dataset {name!r} under {where}; prepare it "
                                     "with file_format='array_record' (docs/data.md, GSM8K) or set "
                                     "data.tfds_data_dir")
         return builder
@@ -84,10 +86,10 @@ def open_builder(source: str, data_dir: Optional[str] = None):
 
     path = epath.Path(os.path.expanduser(source))
     if not path.is_dir():
-        raise FileNotFoundError(f"no such TFDS dataset directory: {source}")
+        raise MissingDataError(f"no such TFDS dataset directory: {source}")
     directory = _dataset_dir(path)
     if directory is None:
-        raise FileNotFoundError(f"{source} is not a TFDS dataset directory (no {INFO_FILE})")
+        raise MissingDataError(f"{source} is not a TFDS dataset directory (no {INFO_FILE})")
     return tfds.builder_from_directory(directory)
 
 
@@ -134,10 +136,10 @@ def open_split(source: str, split: Optional[str], data_dir: Optional[str] = None
     names = list(builder.info.splits.keys())
     if split is None:
         if len(names) != 1:
-            raise ValueError(f"{source} has splits {names}: name one")
+            raise DataError(f"{source} has splits {names}: name one")
         split = names[0]
     if split not in names:
-        raise ValueError(f"no split {split!r} in TFDS dataset {source} (it has {names})")
+        raise DataError(f"no split {split!r} in TFDS dataset {source} (it has {names})")
     try:
         data_source = builder.as_data_source(split=split)
     except NotImplementedError:
@@ -193,7 +195,7 @@ class DatasetWriter:
                  shard_bytes: int = 256 * 2**20):
         self.dest = os.path.expanduser(dest)
         if os.path.isdir(self.dest) and os.listdir(self.dest):
-            raise FileExistsError(f"{dest} already exists and is not empty")
+            raise DestinationExistsError(f"{dest} already exists and is not empty")
         os.makedirs(self.dest, exist_ok=True)
         self.features = features if features is not None else flat_features()
         self.name = name or dataset_name_for(self.dest)

@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any, Sequence
 
+from srft_jax.faults import MissingDataError
+
 # tokenizer_class values of generic fast tokenizers (e.g. the synthetic one); AutoTokenizer
 # would otherwise pick the class from a neighbouring config.json's model type.
 _GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
@@ -22,7 +24,7 @@ def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+        raise MissingDataError(f"tokenizer directory {path!r} does not exist")
     config_file = os.path.join(path, "tokenizer_config.json")
     if os.path.isfile(config_file):
         with open(config_file, encoding="utf-8") as f:

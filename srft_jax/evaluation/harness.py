@@ -34,6 +34,7 @@ from typing import Any, Optional, Protocol, Sequence
 from srft_jax import eval_metrics
 from srft_jax.data.eval_sets import EvalItem, format_question
 from srft_jax.data.prompts import PromptTemplate
+from srft_jax.faults import RunError
 from srft_jax.rewards import DEFAULT_REWARD_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,7 @@ def item_seed(seed: int, benchmark: str, item_id: str) -> int:
 
 
 # ---- the on-disk cache ---------------------------------------------------------------------
-class CacheMismatch(ValueError):
+class CacheMismatch(RunError, ValueError):
     """The output directory holds items sampled with other settings."""
 
 

@@ -17,6 +17,8 @@ import json
 import os
 from typing import Optional, Sequence
 
+from srft_jax.faults import MissingDataError
+
 IN_DISTRIBUTION = (("aime24", "AIME24"), ("amc", "AMC"), ("math500", "MATH500"),
                    ("minerva", "Minerva"), ("olympiad", "Olympiad"))
 OUT_OF_DISTRIBUTION = (("arc_c", "ARC-c"), ("gpqa_diamond", "GPQA-D"), ("mmlu_pro", "MMLU-Pro"))
@@ -111,7 +113,7 @@ def find_results(path: str) -> str:
                       os.path.join(path, "eval", RESULTS_FILE)):
         if os.path.isfile(candidate):
             return candidate
-    raise FileNotFoundError(f"no {RESULTS_FILE} at {path!r} (nor in {path}/ or {path}/eval/)")
+    raise MissingDataError(f"no {RESULTS_FILE} at {path!r} (nor in {path}/ or {path}/eval/)")
 
 
 def load_accuracies(path: str) -> tuple[str, dict[str, float]]:

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from srft_jax.faults import BadModelError, MissingDataError
+
 ARCHS = ("qwen2", "qwen3", "llama")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
@@ -174,13 +176,16 @@ class ModelConfig:
     def from_pretrained(cls, model_dir: str, **overrides) -> "ModelConfig":
         path = os.path.join(model_dir, "config.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json in model directory {model_dir!r}")
-        with open(path) as f:
-            hf = json.load(f)
+            raise MissingDataError(f"no config.json in model directory {model_dir!r}")
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+        except (OSError, ValueError) as e:  # unreadable, or not JSON
+            raise BadModelError(f"{path}: not a readable JSON file ({e})") from None
         try:
             return cls.from_hf(hf, **overrides)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise BadModelError(f"{path}: {e}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` dict that transformers loads for this architecture."""

