@@ -9,6 +9,8 @@ Run (8 forced CPU devices are set up by the script; nothing is allocated or run,
     python benchmarks/decode_7b.py --what memory --slots 224 448 896   # decode_slots to fit HBM
     python benchmarks/decode_7b.py --what bytes --slots 224 --fills 0.05 0.5 0.95
     python benchmarks/decode_7b.py --model 1.5b --fsdp 4 --tensor 2 --slots 112  # ...-v5e8
+    python benchmarks/decode_7b.py --what memory --lora-rank 64 --param-dtype bfloat16 --fsdp 2 --tensor 4 --slots 64
+                                                                       # ...-lora-v5e8
 
 Model: Qwen2.5-Math-7B, 16k variant (benchmarks/memory_7b.py), float32 parameters in the
 training layout, bfloat16 compute and KV cache. Shapes: 128 prompts x 7 rollouts, prompt 1024,
@@ -39,7 +41,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory_7b import GB, PAPER, PROMPT, RESPONSE, analyse, model_config, sds, with_shardings  # noqa: E402
+from memory_7b import (GB, PAPER, PROMPT, RESPONSE, add_model_arguments, analyse, model_config, sds,  # noqa: E402
+                       set_overrides, with_shardings)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -177,9 +180,13 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", type=int, default=8, help="forced CPU devices (the mesh size)")
     parser.add_argument("--fsdp", type=int, default=-1)
     parser.add_argument("--tensor", type=int, default=1)
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
+    set_overrides(args)
     mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, fsdp=args.fsdp, tensor=args.tensor))
-    print(f"Qwen2.5-Math-{args.model.upper()}, mesh {mesh_lib.describe(mesh)}, kv_block {KV_BLOCK}")
+    lora = f", LoRA rank {args.lora_rank} (merged into the decode layout)" if args.lora_rank else ""
+    print(f"Qwen2.5-Math-{args.model.upper()}, mesh {mesh_lib.describe(mesh)}, kv_block {KV_BLOCK}, "
+          f"{args.param_dtype} parameters{lora}")
     if args.what in ("all", "memory"):
         for s in args.slots:
             rep = memory_report(mesh, s, args.model)

@@ -178,7 +178,8 @@ def load_model(path: str, mesh) -> tuple[Any, Any, PromptTemplate]:
         tokenizer = load_tokenizer(os.path.join(path, TOKENIZER_DIR))
         if cfg.model.lora.enabled:  # its base model, then its adapters
             with jax.set_mesh(mesh):
-                model = init_model(cfg.model, model_config_for(cfg.model, len(tokenizer)), mesh, seed=0)
+                model = init_model(cfg.model, model_config_for(cfg.model, len(tokenizer)), mesh,
+                                   seed=cfg.train.seed)  # a random base is the run's seed's
                 restore_adapters(path, model)
             return model, tokenizer, cfg.data.template
         spec = dataclasses.replace(cfg.model, path=path)
