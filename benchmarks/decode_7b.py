@@ -62,14 +62,14 @@ def _named(mesh, axes, shape, dtype):
     return sds(shape, dtype, mesh_lib.named_sharding(mesh, axes, shape))
 
 
-def memory_report(mesh, slots: int, model: str = "7b"):
+def memory_report(mesh, slots: int, model: str = "7b", response: int = RESPONSE):
     """XLA memory analysis of the decode program for 128 prompts x 7 rollouts in `slots` slots."""
     cfg = model_config("none", model)
     graphdef, state = nnx.split(abstract_model(cfg))
     abstract_state = with_shardings(state, state_shardings(state, mesh))
     b, g = PAPER["prompts"], PAPER["rollouts"]
     L, K, H, V = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-    spec = sampler_lib.DecodeSpec(batch=b, prompt_len=PROMPT, num_samples=g, response_len=RESPONSE,
+    spec = sampler_lib.DecodeSpec(batch=b, prompt_len=PROMPT, num_samples=g, response_len=response,
                                   slots=slots, shards=distributed.batch_shards(mesh), kv_block=KV_BLOCK,
                                   strategy=sampler_lib.Temperature(1.0), kv_cache_dtype="bfloat16")
     keys = _named(mesh, STORE_AXES, (L, b, K, H, PROMPT), jnp.bfloat16)
@@ -81,7 +81,7 @@ def memory_report(mesh, slots: int, model: str = "7b"):
     with jax.set_mesh(mesh):
         loop = jax.jit(functools.partial(sampler_lib.decode, graphdef, spec))
         return analyse(
-            f"decode loop: {b} prompts x {g} rollouts in {slots} slots (cache {PROMPT}+{RESPONSE} bf16 "
+            f"decode loop: {b} prompts x {g} rollouts in {slots} slots (cache {PROMPT}+{response} bf16 "
             f"per slot, prompt store of {b} x {PROMPT})",
             loop, abstract_state, store, rows((b, V), jnp.float32), rows((b,), jnp.int32),
             rows((b,), bool), sds(key.shape, key.dtype, rep), rows((b,), jnp.int32),
@@ -180,6 +180,8 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", type=int, default=8, help="forced CPU devices (the mesh size)")
     parser.add_argument("--fsdp", type=int, default=-1)
     parser.add_argument("--tensor", type=int, default=1)
+    parser.add_argument("--response-len", type=int, default=RESPONSE,
+                        help="response tokens per row (memory analysis only)")
     add_model_arguments(parser)
     args = parser.parse_args(argv)
     set_overrides(args)
@@ -189,7 +191,7 @@ def main(argv=None) -> int:
           f"{args.param_dtype} parameters{lora}")
     if args.what in ("all", "memory"):
         for s in args.slots:
-            rep = memory_report(mesh, s, args.model)
+            rep = memory_report(mesh, s, args.model, args.response_len)
             print(rep.line(), flush=True)
             print(f"  decode peak per device with {s} slots: {rep.peak / GB:.2f} GB", flush=True)
     if args.what in ("all", "bytes"):

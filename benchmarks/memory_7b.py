@@ -146,7 +146,8 @@ def analyse(name: str, jitted, *args) -> Report:
 
 
 # ---- train step --------------------------------------------------------------------------------
-def train_report(mesh, micro_batch: int, remat: str, chunk_size: int, model: str = "7b") -> Report:
+def train_report(mesh, micro_batch: int, remat: str, chunk_size: int, model: str = "7b",
+                 response: int = RESPONSE) -> Report:
     from srft_jax.batch import MixedBatch
     from srft_jax.losses import SRFTLossConfig
     from srft_jax.train_step import (OptimizerConfig, batch_shardings, jit_train_step, make_optimizer,
@@ -173,16 +174,16 @@ def train_report(mesh, micro_batch: int, remat: str, chunk_size: int, model: str
     f32, i32 = jnp.float32, jnp.int32
     batch = MixedBatch(
         prompt_tokens=sds((m, b, PROMPT), i32), prompt_mask=sds((m, b, PROMPT), f32),
-        response_tokens=sds((m, b, RESPONSE), i32), response_mask=sds((m, b, RESPONSE), f32),
+        response_tokens=sds((m, b, response), i32), response_mask=sds((m, b, response), f32),
         is_demo=sds((m, b), bool), group=sds((m, b), i32), reward=sds((m, b), f32),
-        advantage=sds((m, b), f32), old_logprobs=sds((m, b, RESPONSE), f32))
+        advantage=sds((m, b), f32), old_logprobs=sds((m, b, response), f32))
     b_sh = batch_shardings(mesh, batch)
     step = jit_train_step(make_train_step(graphdef, tx, SRFTLossConfig(), chunk_size=chunk_size),
                           p_sh, o_sh, b_sh, mesh, f_sh)
     lora = f", LoRA rank {cfg.lora_rank} on {len(cfg.lora_targets)} projections" if cfg.lora_rank else ""
     with jax.set_mesh(mesh):
         return analyse(f"train step (update of {rows} rows = {m} micro-batches x {b} sequences of "
-                       f"{PROMPT}+{RESPONSE} tokens, {micro_batch} per batch shard, remat={remat}, "
+                       f"{PROMPT}+{response} tokens, {micro_batch} per batch shard, remat={remat}, "
                        f"{cfg.param_dtype} base{lora})",
                        step, with_shardings(params, p_sh), with_shardings(opt, o_sh),
                        with_shardings(batch, b_sh), *frozen_args)
@@ -257,6 +258,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tensor", type=int, default=1)
     parser.add_argument("--hbm-gb", type=float, default=None,
                         help="also say whether the train step fits in this many GB per device")
+    parser.add_argument("--response-len", type=int, default=RESPONSE, help="response tokens per sequence")
     add_model_arguments(parser)
     args = parser.parse_args(argv)
     set_overrides(args)
@@ -272,7 +274,7 @@ def main(argv=None) -> int:
     mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, fsdp=args.fsdp, tensor=args.tensor))
     reports = []
     if args.what in ("all", "train"):
-        rep = train_report(mesh, args.micro_batch, args.remat, args.chunk_size, args.model)
+        rep = train_report(mesh, args.micro_batch, args.remat, args.chunk_size, args.model, args.response_len)
         print(rep.line(), flush=True)
         reports.append(rep)
         limits = {name.split(" (")[0]: hw["hbm"] for name, hw in HARDWARE.items() if hw["model"] == args.model}
