@@ -9,6 +9,8 @@ Run (8 forced CPU devices are set up by the script; nothing is allocated or run,
     python benchmarks/decode_7b.py --what memory --slots 224 448 896   # decode_slots to fit HBM
     python benchmarks/decode_7b.py --what bytes --slots 224 --fills 0.05 0.5 0.95
     python benchmarks/decode_7b.py --model 1.5b --fsdp 4 --tensor 2 --slots 112  # ...-v5e8
+    python benchmarks/decode_7b.py --what memory --lora-rank 64 --param-dtype bfloat16 --fsdp 2 --tensor 4 --slots 64
+                                                                       # ...-lora-v5e8
 
 Model: Qwen2.5-Math-7B, 16k variant (benchmarks/memory_7b.py), float32 parameters in the
 training layout, bfloat16 compute and KV cache. Shapes: 128 prompts x 7 rollouts, prompt 1024,
@@ -39,7 +41,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory_7b import GB, PAPER, PROMPT, RESPONSE, analyse, model_config, sds, with_shardings  # noqa: E402
+from memory_7b import (GB, PAPER, PROMPT, RESPONSE, add_model_arguments, analyse, model_config, sds,  # noqa: E402
+                       set_overrides, with_shardings)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -59,14 +62,14 @@ def _named(mesh, axes, shape, dtype):
     return sds(shape, dtype, mesh_lib.named_sharding(mesh, axes, shape))
 
 
-def memory_report(mesh, slots: int, model: str = "7b"):
+def memory_report(mesh, slots: int, model: str = "7b", response: int = RESPONSE):
     """XLA memory analysis of the decode program for 128 prompts x 7 rollouts in `slots` slots."""
     cfg = model_config("none", model)
     graphdef, state = nnx.split(abstract_model(cfg))
     abstract_state = with_shardings(state, state_shardings(state, mesh))
     b, g = PAPER["prompts"], PAPER["rollouts"]
     L, K, H, V = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-    spec = sampler_lib.DecodeSpec(batch=b, prompt_len=PROMPT, num_samples=g, response_len=RESPONSE,
+    spec = sampler_lib.DecodeSpec(batch=b, prompt_len=PROMPT, num_samples=g, response_len=response,
                                   slots=slots, shards=distributed.batch_shards(mesh), kv_block=KV_BLOCK,
                                   strategy=sampler_lib.Temperature(1.0), kv_cache_dtype="bfloat16")
     keys = _named(mesh, STORE_AXES, (L, b, K, H, PROMPT), jnp.bfloat16)
@@ -78,7 +81,7 @@ def memory_report(mesh, slots: int, model: str = "7b"):
     with jax.set_mesh(mesh):
         loop = jax.jit(functools.partial(sampler_lib.decode, graphdef, spec))
         return analyse(
-            f"decode loop: {b} prompts x {g} rollouts in {slots} slots (cache {PROMPT}+{RESPONSE} bf16 "
+            f"decode loop: {b} prompts x {g} rollouts in {slots} slots (cache {PROMPT}+{response} bf16 "
             f"per slot, prompt store of {b} x {PROMPT})",
             loop, abstract_state, store, rows((b, V), jnp.float32), rows((b,), jnp.int32),
             rows((b,), bool), sds(key.shape, key.dtype, rep), rows((b,), jnp.int32),
@@ -177,12 +180,18 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", type=int, default=8, help="forced CPU devices (the mesh size)")
     parser.add_argument("--fsdp", type=int, default=-1)
     parser.add_argument("--tensor", type=int, default=1)
+    parser.add_argument("--response-len", type=int, default=RESPONSE,
+                        help="response tokens per row (memory analysis only)")
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
+    set_overrides(args)
     mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, fsdp=args.fsdp, tensor=args.tensor))
-    print(f"Qwen2.5-Math-{args.model.upper()}, mesh {mesh_lib.describe(mesh)}, kv_block {KV_BLOCK}")
+    lora = f", LoRA rank {args.lora_rank} (merged into the decode layout)" if args.lora_rank else ""
+    print(f"Qwen2.5-Math-{args.model.upper()}, mesh {mesh_lib.describe(mesh)}, kv_block {KV_BLOCK}, "
+          f"{args.param_dtype} parameters{lora}")
     if args.what in ("all", "memory"):
         for s in args.slots:
-            rep = memory_report(mesh, s, args.model)
+            rep = memory_report(mesh, s, args.model, args.response_len)
             print(rep.line(), flush=True)
             print(f"  decode peak per device with {s} slots: {rep.peak / GB:.2f} GB", flush=True)
     if args.what in ("all", "bytes"):

@@ -10,6 +10,8 @@ Run (8 forced CPU devices are set up by the script; nothing is allocated or run,
                                                                      # configs/...-v5p64.yaml
     python benchmarks/memory_7b.py --what train --fsdp 2 --tensor 4 --micro-batch 2   # ...-8xh100
     python benchmarks/memory_7b.py --model 1.5b --fsdp 4 --tensor 2                  # ...-v5e8
+    python benchmarks/memory_7b.py --what train --lora-rank 64 --param-dtype bfloat16 --fsdp 2 --tensor 4
+                                                                     # ...-lora-v5e8 (LoRA)
 
 Model: Qwen2.5-Math-7B with the paper's 16k window (28 layers, D 3584, F 18944, 28 query /
 4 KV heads, V 152064), float32 parameters and AdamW moments (the paper's lr 1e-6 is below
@@ -73,11 +75,32 @@ HARDWARE = {
 
 
 MODELS = {"7b": ModelConfig.qwen2_5_math_7b_16k, "1.5b": ModelConfig.qwen2_5_math_1_5b}
+# Set from the command line (here and in decode_7b.py): LoRA adapters and the base's dtype.
+OVERRIDES: dict = {}
 
 
 def model_config(remat: str, model: str = "7b") -> ModelConfig:
     extra = dict(rope_theta=40000.0, max_position_embeddings=16384) if model == "1.5b" else {}
-    return MODELS[model](param_dtype="float32", dtype="bfloat16", remat=remat, **extra)
+    kw = dict(param_dtype="float32", dtype="bfloat16", remat=remat, **extra)
+    kw.update(OVERRIDES)
+    return MODELS[model](**kw)
+
+
+def add_model_arguments(parser) -> None:
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="LoRA adapters of this rank on all 7 projections (0: full fine-tuning)")
+    parser.add_argument("--lora-targets", nargs="+", default=None, help="projections with adapters")
+    parser.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the (base) parameters")
+
+
+def set_overrides(args) -> None:
+    OVERRIDES.clear()
+    OVERRIDES["param_dtype"] = args.param_dtype
+    if args.lora_rank:
+        OVERRIDES.update(lora_rank=args.lora_rank, lora_alpha=float(2 * args.lora_rank))
+        if args.lora_targets:
+            OVERRIDES["lora_targets"] = tuple(args.lora_targets)
 
 
 def sds(shape, dtype, sharding=None):
@@ -123,15 +146,23 @@ def analyse(name: str, jitted, *args) -> Report:
 
 
 # ---- train step --------------------------------------------------------------------------------
-def train_report(mesh, micro_batch: int, remat: str, chunk_size: int, model: str = "7b") -> Report:
+def train_report(mesh, micro_batch: int, remat: str, chunk_size: int, model: str = "7b",
+                 response: int = RESPONSE) -> Report:
     from srft_jax.batch import MixedBatch
     from srft_jax.losses import SRFTLossConfig
     from srft_jax.train_step import (OptimizerConfig, batch_shardings, jit_train_step, make_optimizer,
                                      make_train_step, opt_state_shardings, param_shardings)
 
+    from srft_jax.models.lora import split_params
+
     cfg = model_config(remat, model)
     graphdef, state = nnx.split(abstract_model(cfg))
     params = nnx.to_pure_dict(state)
+    frozen_args, f_sh = (), None
+    if cfg.lora_rank:  # the update trains the adapters; the base is a frozen argument
+        params, frozen = split_params(params)
+        f_sh = param_shardings(frozen, mesh)
+        frozen_args = (with_shardings(frozen, f_sh),)
     tx = make_optimizer(OptimizerConfig(lr=1e-6, weight_decay=0.01, grad_clip=1.0))
     p_sh = param_shardings(params, mesh)
     o_sh = opt_state_shardings(tx, params, p_sh, mesh)
@@ -143,17 +174,19 @@ def train_report(mesh, micro_batch: int, remat: str, chunk_size: int, model: str
     f32, i32 = jnp.float32, jnp.int32
     batch = MixedBatch(
         prompt_tokens=sds((m, b, PROMPT), i32), prompt_mask=sds((m, b, PROMPT), f32),
-        response_tokens=sds((m, b, RESPONSE), i32), response_mask=sds((m, b, RESPONSE), f32),
+        response_tokens=sds((m, b, response), i32), response_mask=sds((m, b, response), f32),
         is_demo=sds((m, b), bool), group=sds((m, b), i32), reward=sds((m, b), f32),
-        advantage=sds((m, b), f32), old_logprobs=sds((m, b, RESPONSE), f32))
+        advantage=sds((m, b), f32), old_logprobs=sds((m, b, response), f32))
     b_sh = batch_shardings(mesh, batch)
     step = jit_train_step(make_train_step(graphdef, tx, SRFTLossConfig(), chunk_size=chunk_size),
-                          p_sh, o_sh, b_sh, mesh)
+                          p_sh, o_sh, b_sh, mesh, f_sh)
+    lora = f", LoRA rank {cfg.lora_rank} on {len(cfg.lora_targets)} projections" if cfg.lora_rank else ""
     with jax.set_mesh(mesh):
         return analyse(f"train step (update of {rows} rows = {m} micro-batches x {b} sequences of "
-                       f"{PROMPT}+{RESPONSE} tokens, {micro_batch} per batch shard, remat={remat})",
+                       f"{PROMPT}+{response} tokens, {micro_batch} per batch shard, remat={remat}, "
+                       f"{cfg.param_dtype} base{lora})",
                        step, with_shardings(params, p_sh), with_shardings(opt, o_sh),
-                       with_shardings(batch, b_sh))
+                       with_shardings(batch, b_sh), *frozen_args)
 
 
 # ---- FLOPs of one paper step -------------------------------------------------------------------
@@ -225,7 +258,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tensor", type=int, default=1)
     parser.add_argument("--hbm-gb", type=float, default=None,
                         help="also say whether the train step fits in this many GB per device")
+    parser.add_argument("--response-len", type=int, default=RESPONSE, help="response tokens per sequence")
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
+    set_overrides(args)
 
     cfg = model_config(args.remat, args.model)
     print(f"Qwen2.5-Math-{args.model.upper()}: {cfg.num_params() / 1e9:.3f} B parameters, float32 params + "
@@ -238,7 +274,7 @@ def main(argv=None) -> int:
     mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, fsdp=args.fsdp, tensor=args.tensor))
     reports = []
     if args.what in ("all", "train"):
-        rep = train_report(mesh, args.micro_batch, args.remat, args.chunk_size, args.model)
+        rep = train_report(mesh, args.micro_batch, args.remat, args.chunk_size, args.model, args.response_len)
         print(rep.line(), flush=True)
         reports.append(rep)
         limits = {name.split(" (")[0]: hw["hbm"] for name, hw in HARDWARE.items() if hw["model"] == args.model}

@@ -24,6 +24,7 @@ from srft_jax.faults import UsageError
 from srft_jax.losses import SRFTLossConfig
 from srft_jax.mesh import MeshConfig
 from srft_jax.models.config import DTYPES, PRESETS, REMAT, preset
+from srft_jax.models.lora import LoraConfig
 from srft_jax.rewards import DEFAULT_REWARD_TIMEOUT
 from srft_jax.sampler import SamplerConfig
 from srft_jax.train_step import OptimizerConfig
@@ -44,6 +45,8 @@ class ModelSpec:
       checkpoint; this is how SFT -> RL is two commands). None: random initialisation from
       `preset`, with the size overrides below (vocab_size None = the tokenizer's size).
     tokenizer: tokenizer directory; None = `path` (or the data's built-in tokenizer).
+    lora: LoRA adapters (`models.lora.LoraConfig`; rank 0 = full fine-tuning): the base
+      weights stay frozen and only the adapters are trained, checkpointed and optimised.
     """
 
     path: Optional[str] = None
@@ -60,6 +63,7 @@ class ModelSpec:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
         if self.path is None and self.preset not in PRESETS:

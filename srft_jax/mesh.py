@@ -12,7 +12,7 @@ Logical axes:
   heads     query heads N                         -> 'tensor'
   kv_heads  key/value heads K                     -> 'tensor'
   mlp       MLP width F                           -> 'tensor'
-  layers, head_dim, norm, seq, act_embed          -> replicated
+  layers, head_dim, norm, seq, act_embed, lora_rank -> replicated
 A dimension that a rule's mesh axes do not divide is replicated instead (e.g. 2 KV heads on a
 tensor axis of 4), so every config runs on every mesh.
 """
@@ -44,6 +44,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "seq": (),
     "act_embed": (),
     "cache_seq": (),
+    "lora_rank": (),
 }
 
 

@@ -197,7 +197,8 @@ def prepare_data(data: DataConfig, run_dir: str) -> DataConfig:
 def model_config_for(spec, vocab_size: int) -> ModelConfig:
     """The architecture of `spec` (a `config.ModelSpec`) with its numerics (dtype, remat)."""
     path = resolve_model_path(spec.path)
-    numerics = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat)
+    numerics = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat,
+                    **spec.lora.model_fields())
     if path is None:
         from srft_jax.models.config import preset
 
@@ -218,6 +219,11 @@ def init_model(spec, model_cfg: ModelConfig, mesh, seed: int) -> nnx.Module:
     from srft_jax.checkpoint import Checkpointer
     from srft_jax.models import weights
 
+    if model_cfg.lora_rank:  # the base as configured, then fresh adapters (B = 0) on it
+        from srft_jax.models.lora import LoraConfig, with_adapters
+
+        base = init_model(dataclasses.replace(spec, lora=LoraConfig()), model_cfg.base(), mesh, seed)
+        return with_adapters(base, model_cfg, mesh, seed)
     path = resolve_model_path(spec.path)
     if path is not None and not is_run_dir(path):
         model, _ = weights.load_pretrained(path, mesh=mesh, dtype=spec.dtype,
@@ -249,8 +255,14 @@ def load_model(path: str, mesh) -> tuple[Any, Any, PromptTemplate]:
         from srft_jax.config import load_config
 
         cfg = load_config(os.path.join(path, CONFIG_FILE))
-        spec = dataclasses.replace(cfg.model, path=path)
         tokenizer = load_tokenizer(os.path.join(path, TOKENIZER_DIR))
+        if cfg.model.lora.enabled:  # its base model, then its adapters
+            with jax.set_mesh(mesh):
+                model = init_model(cfg.model, model_config_for(cfg.model, len(tokenizer)), mesh,
+                                   seed=cfg.train.seed)  # a random base is the run's seed's
+                restore_adapters(path, model)
+            return model, tokenizer, cfg.data.template
+        spec = dataclasses.replace(cfg.model, path=path)
         with jax.set_mesh(mesh):
             model = init_model(spec, model_config_for(spec, len(tokenizer)), mesh, seed=0)
         return model, tokenizer, cfg.data.template
@@ -258,3 +270,51 @@ def load_model(path: str, mesh) -> tuple[Any, Any, PromptTemplate]:
     with jax.set_mesh(mesh):
         model, _ = load_pretrained(path, mesh=mesh)
     return model, tokenizer, PromptTemplate()
+
+
+LORA_META = "lora_base"  # checkpoint record key: the base model a LoRA run's adapters belong to
+
+
+def lora_base_record(spec, base_params) -> dict:
+    """What a LoRA checkpoint records of its base model: its path and parameter fingerprint."""
+    from srft_jax.models.lora import fingerprint
+
+    return {"path": spec.path, "fingerprint": fingerprint(base_params)}
+
+
+def check_lora_base(meta: dict, current: dict, where: str) -> None:
+    """A LoRA checkpoint's adapters belong to one base model: another one is a one-line error."""
+    from srft_jax.faults import CheckpointRestoreError
+
+    saved = meta.get(LORA_META)
+    if not saved:
+        raise CheckpointRestoreError(f"{where} records no base model ({LORA_META}); it was not saved by a "
+                                     "LoRA run")
+    if saved.get("fingerprint") != current["fingerprint"]:
+        raise CheckpointRestoreError(
+            f"{where} holds LoRA adapters of base model {saved.get('path')!r} (fingerprint "
+            f"{saved.get('fingerprint')}), but this run's base {current['path']!r} has fingerprint "
+            f"{current['fingerprint']}: use the base the adapters were trained on (same weights and "
+            "model.param_dtype)")
+
+
+def restore_adapters(run_dir: str, model) -> int:
+    """Restores the newest checkpoint of a LoRA run directory into `model` (its base loaded,
+    adapters present), checking the base's fingerprint; returns the step."""
+    from srft_jax.checkpoint import Checkpointer
+    from srft_jax.config import load_config
+    from srft_jax.models.lora import split_params
+
+    spec = load_config(os.path.join(run_dir, CONFIG_FILE)).model
+    adapters, base = split_params(nnx.to_pure_dict(nnx.state(model)))
+    src = Checkpointer(run_dir, async_save=False)
+    try:
+        restored = src.restore_latest(adapters, meta_keys=(LORA_META,), move_aside=False)
+    finally:
+        src.close()
+    if restored is None:
+        raise MissingDataError(f"{run_dir!r} has no complete checkpoint")
+    check_lora_base(restored.meta, lora_base_record(spec, base),
+                    f"checkpoint step {restored.step} of {run_dir}")
+    nnx.update(model, restored.params)
+    return restored.step

@@ -57,6 +57,7 @@ from srft_jax.evaluation.policy import evaluate_during_training
 from srft_jax.losses import SRFTLossConfig
 from srft_jax.faults import RunError, RunWriteError
 from srft_jax.metrics import MetricsWriter, Progress
+from srft_jax.models.lora import describe as describe_lora, split_params
 from srft_jax.preemption import StopSignals
 from srft_jax.rewards import PoolStats, RewardPool
 from srft_jax.sampler import Sampler
@@ -74,6 +75,7 @@ from srft_jax.train_step import (
 log = logging.getLogger(__name__)
 
 HELDOUT = "heldout"  # the held-out split's name among the evaluation sets
+PEFT_DIR = "peft"  # RUN_DIR/peft: a LoRA run's adapters as a PEFT adapter directory
 
 
 # ---- the values that flow between phases ---------------------------------------------------
@@ -136,6 +138,7 @@ class Run:
     writer: Optional[MetricsWriter] = None  # opened by `init_or_restore`, which knows the step
     demo_rewards: dict[str, float] = dataclasses.field(default_factory=dict)  # verified, never timed out
     compiled: set = dataclasses.field(default_factory=set)  # (P, R) widths of the train step
+    lora_base: Optional[dict] = None  # LoRA: the base model's path and fingerprint (checkpoint record)
 
     @property
     def is_main(self) -> bool:
@@ -162,9 +165,11 @@ class TrainState:
 
     step: int
     model: nnx.Module  # the live policy: the sampler reads it, `update` writes it
-    params: Any  # its parameters as a pure dict (the jitted update's input)
+    params: Any  # its trained parameters as a pure dict (the jitted update's input): all of
+    # them, or with LoRA only the adapters
     opt_state: Any
     skipped_updates: int = 0  # non-finite updates skipped so far
+    frozen: Any = None  # with LoRA: the base parameters (read by the update, never written)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,9 +211,15 @@ class UpdateFunctions:
     """The jitted update and old-log-prob programs of a run: one `jax.jit` each, with the
     run's shardings; jit compiles one program per (P, R) width pair it meets."""
 
-    def __init__(self, tcfg, loss: SRFTLossConfig, graphdef, abstract_params, mesh, layout: BatchLayout):
+    def __init__(self, tcfg, loss: SRFTLossConfig, graphdef, abstract_params, mesh, layout: BatchLayout,
+                 lora: bool = False):
         self.schedule = make_schedule(tcfg.optim, tcfg.steps, tcfg.updates_per_step)
         self.tx = make_optimizer(tcfg.optim, tcfg.steps, tcfg.updates_per_step)
+        self.lora = lora
+        frozen_shardings = None
+        if lora:  # train the adapters; the base is a separate, frozen argument
+            abstract_params, abstract_frozen = split_params(abstract_params)
+            frozen_shardings = param_shardings(abstract_frozen, mesh)
         self.param_shardings = param_shardings(abstract_params, mesh)
         self.opt_shardings = opt_state_shardings(self.tx, abstract_params, self.param_shardings, mesh)
         # Micro-batched arrays [M, b, ...]: b over ('data', 'fsdp'); b is fixed for the run.
@@ -216,9 +227,10 @@ class UpdateFunctions:
         batch_sharding = NamedSharding(mesh, spec)
         step_fn = make_train_step(graphdef, self.tx, loss, chunk_size=tcfg.loss_chunk_size)
         self.train_step = jit_train_step(step_fn, self.param_shardings, self.opt_shardings,
-                                         batch_sharding, mesh)
+                                         batch_sharding, mesh, frozen_shardings)
+        extra = () if frozen_shardings is None else (frozen_shardings,)
         self.logprobs = jax.jit(make_logprob_fn(graphdef, chunk_size=tcfg.loss_chunk_size),
-                                in_shardings=(self.param_shardings, batch_sharding))
+                                in_shardings=(self.param_shardings, batch_sharding) + extra)
         self.init_opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
 
 
@@ -246,7 +258,10 @@ def setup_run(cfg: Config) -> Run:
     with jax.set_mesh(mesh):
         abstract = nnx.eval_shape(lambda: _new_decoder(model_cfg))
         graphdef, abstract_state = nnx.split(abstract)
-        updates = UpdateFunctions(cfg.train, cfg.loss, graphdef, nnx.to_pure_dict(abstract_state), mesh, layout)
+        updates = UpdateFunctions(cfg.train, cfg.loss, graphdef, nnx.to_pure_dict(abstract_state), mesh, layout,
+                                  lora=bool(model_cfg.lora_rank))
+    if model_cfg.lora_rank:
+        log.info("model: %s", describe_lora(model_cfg))
     return Run(
         cfg=cfg, mesh=mesh, shard=shard, tokenizer=tokenizer, stop_ids=tuple(stop_ids), pad_id=pad_id,
         iterator=PromptIterator(examples, cfg.train.prompts_per_step, seed=cfg.data.seed,
@@ -308,17 +323,22 @@ def init_or_restore(run: Run) -> TrainState:
     with jax.set_mesh(run.mesh):
         model_cfg = runs.model_config_for(cfg.model, len(run.tokenizer))
         model = runs.init_model(cfg.model, model_cfg, run.mesh, seed=cfg.train.seed)
-        params = nnx.to_pure_dict(nnx.state(model))
+        params, frozen = nnx.to_pure_dict(nnx.state(model)), None
+        if run.updates.lora:  # checkpoints hold the adapters (+ their optimiser state) only
+            params, frozen = split_params(params)
+            run.lora_base = runs.lora_base_record(cfg.model, frozen)
         opt_state = run.updates.init_opt_state(params)
         restored = run.checkpointer.restore_latest(params, opt_state, meta_keys=("data",))
     if restored is None:
-        state, meta = TrainState(0, model, params, opt_state), {}
+        state, meta = TrainState(0, model, params, opt_state, frozen=frozen), {}
     else:
-        nnx.update(model, restored.params)
         meta = restored.meta
+        if run.updates.lora:
+            runs.check_lora_base(meta, run.lora_base, f"checkpoint step {restored.step} of {run.checkpointer.directory}")
+        nnx.update(model, restored.params)
         run.iterator.load_state_dict(meta["data"])
         state = TrainState(restored.step, model, restored.params, restored.opt_state,
-                           int(meta.get("skipped_updates", 0)))
+                           int(meta.get("skipped_updates", 0)), frozen)
         run.progress.advance_to(restored.step)
         log.info("resumed from %s at step %d", run.checkpointer.directory, restored.step)
     # The log as it was at that step (its own record included); without a checkpoint, empty.
@@ -419,11 +439,12 @@ def update(run: Run, state: TrainState, minibatches: MiniBatches) -> tuple[Train
                  run.layout.local_rows * run.shard.count, run.layout.micro_batch)
         metrics["compile/train_step"] = 1.0
     batches = minibatches.batches
+    frozen = () if state.frozen is None else (state.frozen,)
     if run.cfg.train.recompute_old_logprobs and run.layout.rollouts:
-        batches = [dataclasses.replace(m, old_logprobs=fns.logprobs(state.params, m)) for m in batches]
+        batches = [dataclasses.replace(m, old_logprobs=fns.logprobs(state.params, m, *frozen)) for m in batches]
     params, opt_state, per_update = state.params, state.opt_state, []
     for m in batches:
-        params, opt_state, um = fns.train_step(params, opt_state, m)
+        params, opt_state, um = fns.train_step(params, opt_state, m, *frozen)
         per_update.append(um)
     per_update = jax.device_get(per_update)
     nnx.update(state.model, params)
@@ -434,7 +455,7 @@ def update(run: Run, state: TrainState, minibatches: MiniBatches) -> tuple[Train
     applied = step * run.cfg.train.updates_per_step - skipped  # optax counts applied updates
     metrics["train/lr"] = float(fns.schedule(max(applied - 1, 0)))  # the step's last update
     metrics["train/skipped_total"] = skipped
-    return TrainState(step, state.model, params, opt_state, skipped), metrics
+    return TrainState(step, state.model, params, opt_state, skipped, state.frozen), metrics
 
 
 def rollout_metrics(run: Run, rollouts: Rollouts, scores: Scores, sample_seconds: float,
@@ -490,9 +511,10 @@ def save_and_log(run: Run, state: TrainState, metrics: dict, clock: "StepClock",
             # The record goes into the checkpoint too: a run killed after the checkpoint
             # commits but before the record is written gets it back on resume.
             record = {"step": step, **metrics, **clock.metrics()} if logged else None
+            lora = {runs.LORA_META: run.lora_base} if run.lora_base else {}
             run.checkpointer.save(step, state.params, state.opt_state,
                                   {"step": step, "data": run.iterator.state_dict(),
-                                   "skipped_updates": state.skipped_updates, "metrics": record})
+                                   "skipped_updates": state.skipped_updates, "metrics": record, **lora})
         clock.lap("checkpoint")
         metrics = {**metrics, **clock.metrics()}
         if logged:
@@ -513,7 +535,13 @@ def finish(run: Run, state: TrainState) -> tuple[Optional[str], list]:
 
         export_dir = os.path.join(run.cfg.train.run_dir, "hf")
         tok = run.tokenizer
-        save_pretrained(state.model, export_dir, tokenizer=tok,
+        model = state.model
+        if run.lora_base:  # the merged model, and the adapters alone as a PEFT directory
+            from srft_jax.models.lora import merged_model, save_peft_adapter
+
+            save_peft_adapter(model, os.path.join(run.cfg.train.run_dir, PEFT_DIR), run.cfg.model.path)
+            model = merged_model(model, run.mesh)
+        save_pretrained(model, export_dir, tokenizer=tok,
                         extra_config={"eos_token_id": list(run.stop_ids), "pad_token_id": run.pad_id,
                                       "bos_token_id": tok.bos_token_id})
     if run.is_main:

@@ -9,6 +9,10 @@ computed once for the whole mini-batch, so the accumulated gradient is exactly t
 `srft_loss` on the whole mini-batch. Log-probs and entropies come from the chunked form that
 never holds [b, R, V]. A non-finite loss or gradient keeps the old parameters and optimiser
 state and reports `train/skipped = 1`.
+
+With LoRA (models/lora.py) `params` holds only the adapters and the frozen base parameters come
+as a fourth argument (`train_step(adapters, opt_state, batch, frozen)`): gradients, optimiser
+state and updates exist for the adapters alone, and the base is read, never written or donated.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from jax.sharding import NamedSharding
 from srft_jax import mesh as mesh_lib
 from srft_jax.batch import MixedBatch
 from srft_jax.losses import SRFTLossConfig, chunked_token_logprobs_and_entropy, loss_normalizers, srft_loss
+from srft_jax.models.lora import join_params
 from srft_jax.models.weights import state_shardings
 
 
@@ -113,20 +118,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_config: SRF
                     chunk_size: int = 1024) -> Callable:
     """The un-jitted step; `jit_train_step` adds shardings and donation."""
 
-    def loss_fn(params, mb, normalizers):
-        model = nnx.merge(graphdef, params)
+    def loss_fn(params, mb, normalizers, frozen):
+        model = nnx.merge(graphdef, params if frozen is None else join_params(params, frozen))
         lp, ent = response_logprobs(model, mb, chunk_size)
         loss, _ = srft_loss(lp, ent, mb, loss_config, normalizers=normalizers)
         return loss, (lp, ent)
 
-    def train_step(params, opt_state, batch: MixedBatch):
+    def train_step(params, opt_state, batch: MixedBatch, frozen=None):
         normalizers = loss_normalizers(_flat(batch), loss_config)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
         def accumulate(carry, mb):
             g_acc, l_acc = carry
-            (loss, (lp, ent)), g = grad_fn(params, mb, normalizers)
+            (loss, (lp, ent)), g = grad_fn(params, mb, normalizers, frozen)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
             return (g_acc, l_acc + loss), (lp, ent)
 
@@ -153,11 +158,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_config: SRF
 
 
 def make_logprob_fn(graphdef, chunk_size: int = 1024) -> Callable:
-    """logprob_fn(params, batch [M, b, ...]) -> log-probs [M, b, R] (the old policy's)."""
+    """logprob_fn(params, batch [M, b, ...], frozen=None) -> log-probs [M, b, R] (the old
+    policy's; `frozen`: the base parameters of a LoRA model, `params` its adapters)."""
 
-    def logprob_fn(params, batch):
+    def logprob_fn(params, batch, frozen=None):
+        full = params if frozen is None else join_params(params, frozen)
+
         def one(_, mb):
-            lp, _ = response_logprobs(nnx.merge(graphdef, params), mb, chunk_size)
+            lp, _ = response_logprobs(nnx.merge(graphdef, full), mb, chunk_size)
             return None, lp
 
         return jax.lax.scan(one, None, batch)[1]
@@ -175,7 +183,10 @@ def batch_shardings(mesh, batch: MixedBatch) -> MixedBatch:
     return jax.tree.map(one, batch)
 
 
-def jit_train_step(step_fn, p_shardings, o_shardings, b_shardings, mesh):
-    return jax.jit(step_fn, in_shardings=(p_shardings, o_shardings, b_shardings),
+def jit_train_step(step_fn, p_shardings, o_shardings, b_shardings, mesh, f_shardings=None):
+    """The jitted step; `f_shardings`: those of the frozen base of a LoRA model (an extra,
+    not donated, argument)."""
+    extra = () if f_shardings is None else (f_shardings,)
+    return jax.jit(step_fn, in_shardings=(p_shardings, o_shardings, b_shardings) + extra,
                    out_shardings=(p_shardings, o_shardings, mesh_lib.replicated(mesh)),
                    donate_argnums=(0, 1))

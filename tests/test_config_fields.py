@@ -14,11 +14,14 @@ from srft_jax.config import Config
 # Fields read only while the config is built, and where.
 READ_ELSEWHERE = {
     "loss.preset": "resolved into the loss switches by SRFTLossConfig.__post_init__",
+    "model.lora.dropout": "LoraConfig.__post_init__: only 0 is supported, anything else is an error",
 }
 # Fields that only mean something when another field selects them (the demo run does not):
 # field -> the overrides that select it. `test_selected_fields_are_read` checks each.
 READ_WHEN_SELECTED = {
     "loss.rl_norm_constant": {"rl_normalizer": "constant"},
+    "model.lora.alpha": {"rank": 4},
+    "model.lora.targets": {"rank": 4},
 }
 
 
@@ -106,7 +109,12 @@ def test_selected_fields_are_read(monkeypatch):
     reads = record_config_reads(monkeypatch)
     batch = {"response_mask": np.ones((2, 3), np.float32), "is_demo": np.array([True, False])}
     for field, switch in READ_WHEN_SELECTED.items():
-        section, name = field.split(".")
-        assert section == "loss", field
-        loss_normalizers(batch, SRFTLossConfig(preset="paper", **switch, **{name: 8.0}))
+        section, name = field.rsplit(".", 1)
+        if section == "model.lora":  # LoRA's settings are read once adapters are on
+            from srft_jax.models.lora import LoraConfig
+
+            LoraConfig(**switch).model_fields()
+        else:
+            assert section == "loss", field
+            loss_normalizers(batch, SRFTLossConfig(preset="paper", **switch, **{name: 8.0}))
         assert field in reads

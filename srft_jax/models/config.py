@@ -17,6 +17,8 @@ from srft_jax.faults import BadModelError, MissingDataError
 ARCHS = ("qwen2", "qwen3", "llama")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
+# Projections that can carry LoRA adapters (`lora_targets`), in the order of a block.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -85,6 +90,20 @@ class ModelConfig:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {DTYPES}")
         if self.remat not in REMAT:
             raise ValueError(f"model.remat={self.remat!r}; choose one of {REMAT}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a list from JSON
+        if self.lora_rank < 0:
+            raise ValueError(f"model.lora.rank must be >= 0 (0 = no adapters), got {self.lora_rank}")
+        bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if bad:
+            raise ValueError(f"model.lora.targets: {bad[0]!r} is not a projection; choose from {LORA_TARGETS}")
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    def base(self) -> "ModelConfig":
+        """This architecture without adapters."""
+        return dataclasses.replace(self, lora_rank=0)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

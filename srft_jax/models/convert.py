@@ -13,8 +13,13 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def convert(src: str, out: str, dtype: str = "bfloat16", max_shard_bytes: int = 4 * 10**9) -> str:
-    """Loads `src` (HF directory or .gguf) with parameters in `dtype` and writes an HF directory."""
+    """Loads `src` (HF directory, .gguf, or a training run directory: its latest checkpoint,
+    LoRA adapters merged into their base) and writes an HF directory with tensors in `dtype`."""
     from srft_jax.models import gguf, weights
+    from srft_jax.runs import is_run_dir
+
+    if is_run_dir(src):
+        return convert_run(src, out, dtype, max_shard_bytes)
 
     model, _ = weights.load_pretrained(src, param_dtype=dtype, dtype=dtype)
     if src.endswith(".gguf"):
@@ -24,6 +29,27 @@ def convert(src: str, out: str, dtype: str = "bfloat16", max_shard_bytes: int = 
         gguf.save_tokenizer(src, out)
     else:
         weights.save_pretrained(model, out, dtype, source_dir=src, max_shard_bytes=max_shard_bytes)
+    return out
+
+
+def convert_run(run_dir: str, out: str, dtype: str, max_shard_bytes: int) -> str:
+    """A run directory's latest checkpoint as an HF directory (with the run's tokenizer); a LoRA
+    run's adapters are merged into the base they were trained on (its fingerprint checked)."""
+    import jax
+
+    from srft_jax import mesh as mesh_lib
+    from srft_jax.models import weights
+    from srft_jax.models.lora import merged_model
+    from srft_jax.runs import load_model
+
+    mesh = mesh_lib.make_mesh()
+    model, tokenizer, _ = load_model(run_dir, mesh)
+    with jax.set_mesh(mesh):
+        model = merged_model(model, mesh)
+    extra = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+             if getattr(tokenizer, k, None) is not None}
+    weights.save_pretrained(model, out, dtype, tokenizer=tokenizer, extra_config=extra,
+                            max_shard_bytes=max_shard_bytes)
     return out
 
 

@@ -63,9 +63,19 @@ PARAM_AXES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 
+# LoRA adapters follow their projection's kernel: A [*in, r] keeps the kernel's input axes, B
+# [r, *out] its output axes; the rank axis r is replicated.
+LORA_IN_DIMS = {"o_proj": 2}  # leading kernel dims that are inputs (1 for the others)
+
+
 def param_logical_axes(path: tuple[str, ...]) -> tuple[str, ...]:
     """Logical axes for a parameter path such as ('blocks', 'attn', 'q_proj', 'kernel')."""
     names = tuple(str(p) for p in path)
+    if names[-1] in ("lora_a", "lora_b"):
+        kernel = PARAM_AXES[(names[-2], "kernel")]
+        n_in = LORA_IN_DIMS.get(names[-2], 1)
+        axes = (kernel[:n_in] + ("lora_rank",)) if names[-1] == "lora_a" else (("lora_rank",) + kernel[n_in:])
+        return (("layers",) + axes) if names[0] == "blocks" else axes
     axes = PARAM_AXES.get(names[-2:])
     if axes is None:
         raise KeyError(f"no logical axes for parameter {'/'.join(names)}")
@@ -95,11 +105,37 @@ class RMSNorm(nnx.Module):
 
 
 class Projection(nnx.Module):
-    """A linear map stored with named dims (`kernel` shape `in_shape + out_shape`)."""
+    """A linear map stored with named dims (`kernel` shape `in_shape + out_shape`).
 
-    def __init__(self, in_shape, out_shape, cfg: ModelConfig, *, bias: bool, rngs: nnx.Rngs):
+    With `lora`: adapters `lora_a [*in, r]` and `lora_b [r, *out]` (`nnx.LoRAParam`, float32,
+    drawn from the `lora` stream of `rngs` so the base parameters do not depend on them), and
+    `adapt` adds `scale * (x A) B` to the projection's output. A is uniform in +-1/sqrt(fan_in)
+    (PEFT's default), B is 0: an adapted model starts equal to its base.
+    """
+
+    def __init__(self, in_shape, out_shape, cfg: ModelConfig, *, bias: bool, rngs: nnx.Rngs,
+                 lora: bool = False):
         self.kernel = _param(rngs, tuple(in_shape) + tuple(out_shape), cfg)
         self.bias = _param(rngs, tuple(out_shape), cfg, "zeros") if bias else None
+        if lora:
+            r, fan_in = cfg.lora_rank, math.prod(in_shape)
+            bound = 1.0 / math.sqrt(fan_in)
+            a = jax.random.uniform(rngs.lora(), tuple(in_shape) + (r,), F32, -bound, bound)
+            self.lora_a = nnx.LoRAParam(a)
+            self.lora_b = nnx.LoRAParam(jnp.zeros((r,) + tuple(out_shape), F32))
+        else:
+            self.lora_a = self.lora_b = None
+        self.lora_scale = cfg.lora_scale if lora else 0.0
+
+    def adapt(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        """y + scale * (x A) B: x [B,T,*in] the projection's input, y [B,T,*out] its output
+        (y unchanged without adapters). Computed in x's dtype, the adapters cast to it."""
+        if self.lora_a is None:
+            return y
+        a = self.lora_a[...].astype(x.dtype)
+        b = self.lora_b[...].astype(x.dtype)
+        xa = jnp.tensordot(x, a, axes=a.ndim - 1)  # [B, T, r]
+        return y + (self.lora_scale * jnp.tensordot(xa, b, axes=1)).astype(y.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
@@ -133,10 +169,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Projection((d,), (n, h), cfg, bias=cfg.attention_bias, rngs=rngs)
-        self.k_proj = Projection((d,), (k, h), cfg, bias=cfg.attention_bias, rngs=rngs)
-        self.v_proj = Projection((d,), (k, h), cfg, bias=cfg.attention_bias, rngs=rngs)
-        self.o_proj = Projection((n, h), (d,), cfg, bias=False, rngs=rngs)
+        lora = lambda name: bool(cfg.lora_rank) and name in cfg.lora_targets
+        self.q_proj = Projection((d,), (n, h), cfg, bias=cfg.attention_bias, rngs=rngs, lora=lora("q_proj"))
+        self.k_proj = Projection((d,), (k, h), cfg, bias=cfg.attention_bias, rngs=rngs, lora=lora("k_proj"))
+        self.v_proj = Projection((d,), (k, h), cfg, bias=cfg.attention_bias, rngs=rngs, lora=lora("v_proj"))
+        self.o_proj = Projection((n, h), (d,), cfg, bias=False, rngs=rngs, lora=lora("o_proj"))
         self.q_norm = RMSNorm(h, cfg, rngs=rngs) if cfg.qk_norm else None
         self.k_norm = RMSNorm(h, cfg, rngs=rngs) if cfg.qk_norm else None
         self.num_kv_heads = k
@@ -146,7 +183,7 @@ class Attention(nnx.Module):
         y = jnp.einsum("BTD,DNH->BTNH", x, p.kernel[...].astype(x.dtype))
         if p.bias is not None:
             y = y + p.bias[...].astype(x.dtype)
-        return y
+        return p.adapt(x, y)
 
     def qkv(self, x, positions, inv_freq):
         """x [B,T,D], positions [B,T] -> q [B,T,N,H], k, v [B,T,K,H] (q/k norm and RoPE applied)."""
@@ -163,7 +200,8 @@ class Attention(nnx.Module):
         instead of transposing the kernel (on every decode step, on CPU)."""
         b, t, n, h = attended.shape
         kernel = self.o_proj.kernel[...].astype(attended.dtype).reshape(n * h, -1)  # [F, D]
-        return jnp.einsum("BTF,FD->BTD", attended.reshape(b, t, n * h), kernel)
+        out = jnp.einsum("BTF,FD->BTD", attended.reshape(b, t, n * h), kernel)
+        return self.o_proj.adapt(attended, out)
 
     def __call__(self, x, positions, inv_freq, attend):
         """x [B,T,D], positions [B,T]; attend(q [B,T,N,H], k, v [B,T,K,H]) -> (outputs
@@ -177,15 +215,18 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Projection((d,), (f,), cfg, bias=False, rngs=rngs)
-        self.up_proj = Projection((d,), (f,), cfg, bias=False, rngs=rngs)
-        self.down_proj = Projection((f,), (d,), cfg, bias=False, rngs=rngs)
+        lora = lambda name: bool(cfg.lora_rank) and name in cfg.lora_targets
+        self.gate_proj = Projection((d,), (f,), cfg, bias=False, rngs=rngs, lora=lora("gate_proj"))
+        self.up_proj = Projection((d,), (f,), cfg, bias=False, rngs=rngs, lora=lora("up_proj"))
+        self.down_proj = Projection((f,), (d,), cfg, bias=False, rngs=rngs, lora=lora("down_proj"))
 
     def __call__(self, x):
         gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj.kernel[...].astype(x.dtype))
         up = jnp.einsum("BTD,DF->BTF", x, self.up_proj.kernel[...].astype(x.dtype))
+        gate, up = self.gate_proj.adapt(x, gate), self.up_proj.adapt(x, up)
         hidden = mesh_lib.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return jnp.einsum("BTF,FD->BTD", hidden, self.down_proj.kernel[...].astype(x.dtype))
+        out = jnp.einsum("BTF,FD->BTD", hidden, self.down_proj.kernel[...].astype(x.dtype))
+        return self.down_proj.adapt(hidden, out)
 
 
 class Embed(nnx.Module):
@@ -248,7 +289,9 @@ class Decoder(nnx.Module):
         self.embed = Embed(cfg, rngs=rngs)
         keys = jax.random.split(rngs.params(), cfg.num_layers)
         block_def = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
-        stacked = jax.vmap(lambda key: nnx.state(Block(cfg, rngs=nnx.Rngs(params=key))))(keys)
+        # Adapters draw from their own stream: the base parameters are those of cfg.base().
+        stacked = jax.vmap(lambda key: nnx.state(Block(cfg, rngs=nnx.Rngs(
+            params=key, lora=jax.random.fold_in(key, 0x10A)))))(keys)
         self.blocks = nnx.merge(block_def, stacked)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
         self.lm_head = None if cfg.tie_word_embeddings else LMHead(cfg, rngs=rngs)

@@ -36,6 +36,9 @@ class SamplerConfig:
       holding the longest live row's newest token and skips the rest, so its cost follows the
       longest live row, not the P + R slots allocated; smaller blocks skip more precisely, larger
       ones cost fewer per-block operations (L x (P + R) / kv_block of them per step).
+    lora_merge: with a LoRA policy, fold the adapters into the weights once per sampler call
+      (in the decode layout's copy, which exists anyway) instead of adding `(x A) B` on every
+      decode step. The prefill always runs the adapters unmerged.
     """
 
     temperature: float = 1.0
@@ -47,6 +50,7 @@ class SamplerConfig:
     kv_cache_dtype: Optional[str] = None
     decode_slots: int = 0
     kv_block: int = 512
+    lora_merge: bool = True
 
     def __post_init__(self):
         if not self.temperature >= 0:

@@ -278,7 +278,7 @@ class Sampler:
             batch=b, prompt_len=p, num_samples=num_samples, response_len=r, slots=s,
             shards=shards, kv_block=cfg.kv_block,
             strategy=make_strategy(cfg.temperature, cfg.top_p, cfg.top_k),
-            kv_cache_dtype=cfg.kv_cache_dtype))
+            kv_cache_dtype=cfg.kv_cache_dtype, lora_merge=cfg.lora_merge))
         t0 = time.perf_counter()
         store, last_logits = jax.block_until_ready(prefill(state, tokens, mask))
         t1 = time.perf_counter()

@@ -72,6 +72,7 @@ class DecodeSpec:
     kv_block: int
     strategy: Strategy
     kv_cache_dtype: Optional[str]
+    lora_merge: bool = True  # fold LoRA adapters into the decode layout's weights (see decode_model)
 
     def __post_init__(self):
         if self.batch % self.shards or self.slots % self.shards:
@@ -281,7 +282,7 @@ def decode(graphdef, spec: DecodeSpec, state, store: KVCache, last_logits, promp
     max_new int32[] <= R; stop_ids int32[num stops] (-1 entries never match); pad_id int32[].
     Returns the outputs (tokens, mask, lengths, finished_by_stop, logprobs, raw_logprobs) and
     num_steps = 1 + decode steps run."""
-    dm = decode_model(nnx.merge(graphdef, state))
+    dm = decode_model(nnx.merge(graphdef, state), merge_lora=spec.lora_merge)
     cfg = dm.config
     g, s, d = spec.num_samples, spec.slots, spec.shards
     row_keys = _row_keys(rng, prompt_ids, g)

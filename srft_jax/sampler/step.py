@@ -79,11 +79,18 @@ class DecodeModel:
         return self.embedding.T if self.lm_head is None else self.lm_head
 
 
-def decode_model(model) -> DecodeModel:
+def decode_model(model, merge_lora: bool = True) -> DecodeModel:
     """`model`'s parameters cast to the compute dtype and constrained to the decode layout, the
     stacked blocks taken apart layer by layer first (so neither a second stacked copy nor a
-    float32 gathered one is ever held)."""
-    dt = dtype_of(model.config.dtype)
+    float32 gathered one is ever held).
+
+    LoRA adapters (models/lora.py) are folded into their kernels here, layer by layer, when
+    `merge_lora` (`W + scale A B` in float32, then cast like every weight): the decode layout's
+    copy of the weights is made anyway, so merging costs no memory, and the decode steps run
+    the base model's matmuls only. Unmerged, they stay in the layout of their kernels and every
+    step adds `scale (x A) B` per projection."""
+    cfg = model.config
+    dt = dtype_of(cfg.dtype)
 
     def place(tree, prefix=()):
         return jax.tree_util.tree_map_with_path(
@@ -91,11 +98,25 @@ def decode_model(model) -> DecodeModel:
 
     block_def, stacked = nnx.split(model.blocks)
     norm_def, norm = nnx.split(model.final_norm)
-    layers = tuple(place(jax.tree.map(lambda a, i=i: a[i], stacked))
-                   for i in range(model.config.num_layers))
+    layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.num_layers))
+    if merge_lora and cfg.lora_rank:
+        from srft_jax.models.decoder import Block
+        from srft_jax.models.lora import fold_adapters
+
+        cfg = cfg.base()
+        block_def, like = nnx.split(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
+
+        def folded(layer):
+            state = jax.tree.map(lambda x: x, like)
+            nnx.replace_by_pure_dict(state, fold_adapters(nnx.to_pure_dict(layer), model.config.lora_scale,
+                                                          stacked=False))
+            return state
+
+        layers = tuple(folded(layer) for layer in layers)
+    layers = tuple(place(layer) for layer in layers)
     lm_head = None if model.lm_head is None else place(model.lm_head.kernel[...], ("lm_head", "kernel"))
     return DecodeModel(place(model.embed.embedding[...], ("embed", "embedding")), lm_head,
-                       place(norm, ("final_norm",)), layers, model.config, block_def, norm_def)
+                       place(norm, ("final_norm",)), layers, cfg, block_def, norm_def)
 
 
 # ---- the slot cache -----------------------------------------------------------------------------
