@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -70,6 +71,7 @@ class ProgramReport:
     calls_per_step: float  # how often one training step runs it
     loop_note: str
     hbm_bytes: float
+    compiler_error: str = ""  # the TPU compiler refused it (out of HBM): the figures are its
 
     @property
     def peak_bytes(self) -> float:
@@ -81,7 +83,7 @@ class ProgramReport:
 
     @property
     def fits(self) -> bool:
-        return self.need_bytes <= self.hbm_bytes
+        return not self.compiler_error and self.need_bytes <= self.hbm_bytes
 
     def seconds(self, peak_flops: float, bandwidth: float) -> tuple[float, float]:
         return self.flops / peak_flops, self.bytes_accessed / bandwidth
@@ -93,7 +95,7 @@ class ProgramReport:
                     output_bytes=self.output_bytes, alias_bytes=self.alias_bytes,
                     resident_bytes=self.resident_bytes, xla_flops_loop_bodies_once=self.xla_flops,
                     xla_bytes_loop_bodies_once=self.xla_bytes, calls_per_step=self.calls_per_step,
-                    loops=self.loop_note, what=self.what)
+                    loops=self.loop_note, what=self.what, compiler_error=self.compiler_error or None)
 
 
 @dataclass
@@ -194,8 +196,13 @@ def _abstract(tree, shardings):
 
 
 def _per_device_bytes(tree) -> float:
-    return float(sum(np.prod(a.sharding.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
-                     for a in jax.tree.leaves(tree)))
+    def one(a):
+        try:
+            return float(np.prod(a.sharding.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize)
+        except (TypeError, AttributeError):  # a key or a leaf without a sharding: tiny
+            return 0.0
+
+    return float(sum(one(a) for a in jax.tree.leaves(tree)))
 
 
 # ---- model FLOPs of a step (for the MFU ceiling) ----------------------------------------------
@@ -230,7 +237,24 @@ def analyse(name: str, what: str, jitted, args, hbm: float, *, resident: float =
     """Lowers and compiles `jitted(*args)`; its ProgramReport and the compiled executable."""
     progress(f"compiling {name}: {what} ...")
     t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    lowered = jitted.lower(*args)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 -- the TPU compiler refuses a program over HBM
+        elapsed = time.perf_counter() - t0
+        m = re.search(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)", str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not m:
+            raise
+        unit = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+        temp = float(m.group(1)) * unit[m.group(2)]
+        usable = float(m.group(3)) * unit[m.group(4)]
+        progress(f"  {name}: the TPU compiler ran out of HBM after {elapsed:.0f} s")
+        args_bytes = _per_device_bytes(args)
+        rep = ProgramReport(name, what, args_bytes, 0.0, 0.0, temp, resident, elapsed, math.nan, math.nan,
+                            0.0, 0.0, math.nan, math.nan, calls, "not compiled", hbm,
+                            compiler_error=f"temporaries {temp / GB:.2f} GB exceed the {usable / GB:.2f} GB "
+                                           f"of HBM the compiler may use")
+        return rep, None
     elapsed = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -359,6 +383,9 @@ def _sampler_programs(report, sampler, scfg, graphdef, a_state, mesh, b: int, p:
         report.programs["prefill"] = rep
     else:
         compiled = prefill.lower(a_state, tokens, mask).compile()
+    if compiled is None:
+        report.skipped[dec_name] = "its prefill did not compile"
+        return
     out_shape = jax.eval_shape(prefill, a_state, tokens, mask)
     store, last_logits = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), out_shape,
                                       compiled.output_shardings)

@@ -78,6 +78,10 @@ def run(args) -> int:
         hw = slice_for(args.topology)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if not hw.is_tpu:  # forced host CPU devices: before JAX starts its CPU backend
+        flag = f"--xla_force_host_platform_device_count={hw.chips}"
+        if flag not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
     cfg = load_config(args.config, args.overrides)
     from srft_jax.compile_report import KNOBS, PROGRAMS, compile_config
 
@@ -114,7 +118,8 @@ def run(args) -> int:
         more = f" (and {len(over) - 1} more)" if len(over) > 1 else ""
         print(f"error: {p.name} does not fit {hw.name}: needs {p.need_bytes / GB:.2f} GB per chip, "
               f"{(p.need_bytes - p.hbm_bytes) / GB:.2f} GB over the {p.hbm_bytes / GB:.1f} GB of HBM"
-              f"{more}; knobs: {KNOBS.get(p.name, KNOBS['decode'])}",
+              f"{more}{' (' + p.compiler_error + ')' if p.compiler_error else ''}; "
+              f"knobs: {KNOBS.get(p.name, KNOBS['decode'])}",
               file=sys.stderr)
         return 1
     return 0
@@ -158,7 +163,9 @@ def format_report(report) -> list[str]:
         lines.append(f"  {name:13s}{p.calls_per_step:10g}{p.flops / 1e12:10.2f}{p.bytes_accessed / GB:10.2f}"
                      f"{times}  {check}")
         lines.append(f"    loops: {p.loop_note}")
-    if gen:
+    if gen and any(p.compiler_error for p in report.programs.values()):
+        lines.append("step: no roofline (a program did not compile)")
+    elif gen:
         t = report.roofline_s()
         lines.append(f"step: roofline lower bound {t:.1f} s per step; model FLOPs {report.model_flops:.3e} "
                      f"-> MFU ceiling {report.mfu_ceiling():.1%} on {hw.chips} chips")
