@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="substring of the config names to run")
     parser.add_argument("--out-dir", default=os.path.join(REPO, "runs", "compile_tpu"))
+    parser.add_argument("--reuse", action="store_true",
+                        help="do not recompile a config whose report is already in --out-dir")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -41,9 +43,10 @@ def main(argv=None) -> int:
         out = os.path.join(args.out_dir, os.path.basename(config).replace(".yaml", f".{topology}.json"))
         cmd = [sys.executable, "-m", "srft_jax.cli", "compile", "--config", os.path.join(REPO, config),
                "--topology", topology, "--out", out, *args.overrides]
-        print("$", " ".join(cmd), flush=True)
-        done = subprocess.run(cmd, cwd=REPO)
-        rc = max(rc, done.returncode)
+        if not (args.reuse and os.path.exists(out)):
+            print("$", " ".join(cmd), flush=True)
+            done = subprocess.run(cmd, cwd=REPO)
+            rc = max(rc, done.returncode)
         if os.path.exists(out):
             with open(out) as f:
                 rows.append((config, json.load(f)))

@@ -173,5 +173,6 @@ def table_lines() -> list[str]:
     for g in GENERATIONS.values():
         unit = "TensorCores" if g.cores_per_chip_in_name == 2 else "chips"
         lines.append(f"  {g.name}: {g.hbm_bytes / 1e9:.1f} GB HBM, {g.peak_flops / 1e12:.0f} TFLOP/s bf16, "
-                     f"{g.hbm_bandwidth / 1e9:.0f} GB/s per chip; names count {unit}; {g.source}")
+                     f"{g.hbm_bandwidth / 1e9:.0f} GB/s per chip; names count {unit}")
+        lines.append(f"       {g.source}")
     return lines
