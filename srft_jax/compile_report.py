@@ -64,7 +64,7 @@ class ProgramReport:
     compile_s: float
     xla_flops: float  # XLA's cost_analysis: every loop body counted once
     xla_bytes: float
-    flops: float  # the HLO walk: every loop body x its trip count
+    flops: float  # XLA's figure with every loop body x its trip count (see `analyse`)
     bytes_accessed: float
     walk_ones_flops: float  # the walk with every trip count 1 (should match XLA's)
     walk_ones_bytes: float
@@ -72,6 +72,8 @@ class ProgramReport:
     loop_note: str
     hbm_bytes: float
     compiler_error: str = ""  # the TPU compiler refused it (out of HBM): the figures are its
+    walk_flops: float = math.nan  # the walk's own totals (its rules, every loop x trip count)
+    walk_bytes: float = math.nan
 
     @property
     def peak_bytes(self) -> float:
@@ -95,7 +97,9 @@ class ProgramReport:
                     output_bytes=self.output_bytes, alias_bytes=self.alias_bytes,
                     resident_bytes=self.resident_bytes, xla_flops_loop_bodies_once=self.xla_flops,
                     xla_bytes_loop_bodies_once=self.xla_bytes, calls_per_step=self.calls_per_step,
-                    loops=self.loop_note, what=self.what, compiler_error=self.compiler_error or None)
+                    loops=self.loop_note, what=self.what, compiler_error=self.compiler_error or None,
+                    walk_flops=self.walk_flops, walk_bytes=self.walk_bytes,
+                    walk_trips_one_flops=self.walk_ones_flops, walk_trips_one_bytes=self.walk_ones_bytes)
 
 
 @dataclass
@@ -265,11 +269,17 @@ def analyse(name: str, what: str, jitted, args, hbm: float, *, resident: float =
     note = loop_note or "every loop x its trip count"
     if walk.unknown_loops:
         note += f"; {walk.unknown_loops} loop(s) without a static trip count counted as told"
+    xla_flops = float(cost.get("flops", math.nan))
+    xla_bytes = float(cost.get("bytes accessed", math.nan))
+    # XLA's own per-instruction figures with every loop x its trip count: the walk's loop
+    # factor (walk / walk with trip counts 1) applied to XLA's cost analysis.
+    scale = lambda x, w, w1: x * w / w1 if w1 and not math.isnan(x) else w
     rep = ProgramReport(
         name, what, float(mem.argument_size_in_bytes), float(mem.output_size_in_bytes),
         float(mem.alias_size_in_bytes), float(mem.temp_size_in_bytes), resident, elapsed,
-        float(cost.get("flops", math.nan)), float(cost.get("bytes accessed", math.nan)),
-        walk.flops, walk.bytes, ones.flops, ones.bytes, calls, note, hbm)
+        xla_flops, xla_bytes, scale(xla_flops, walk.flops, ones.flops),
+        scale(xla_bytes, walk.bytes, ones.bytes), ones.flops, ones.bytes, calls, note, hbm,
+        walk_flops=walk.flops, walk_bytes=walk.bytes)
     progress(f"  {name} compiled in {elapsed:.0f} s")
     return rep, compiled
 

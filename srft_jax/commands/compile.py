@@ -34,8 +34,10 @@ roofline (per device, from the compiled HLO):
   log-prob chunks; the decode while-loop) once. This command walks the compiled HLO and
   multiplies each loop body by its trip count (the scan lengths XLA records; the decode loop
   by ceil(rows / slots) x (R - 1) steps: every response full length, every step reading the
-  full cache), so FLOPs and bytes are per call of the program. With every trip count set to 1
-  the walk gives XLA's own figures back (the "check" column: walk / XLA).
+  full cache). The FLOPs and bytes printed are XLA's cost_analysis figures times the walk's
+  loop factor (walk with trip counts / walk with every trip count 1): XLA's own per-instruction
+  counts, per call of the program. "check" = walk with trip counts 1 / XLA (how closely the
+  walk's simpler per-instruction rules follow XLA's; 1.0 = the same).
   t_flops = FLOPs / peak bf16 FLOP/s; t_hbm = bytes accessed / HBM bandwidth; a call takes at
   least max(t_flops, t_hbm) (inter-chip communication is not modelled).
   step roofline = sum over programs of calls per step x max(t_flops, t_hbm): a lower bound of
@@ -150,7 +152,7 @@ def format_report(report) -> list[str]:
         lines.append(f"  {name:13s}{_gb(p.argument_bytes)} {_gb(p.output_bytes)} {_gb(p.alias_bytes)} "
                      f"{_gb(p.temp_bytes)} {_gb(p.peak_bytes)}  {_gb(p.resident_bytes)} {_gb(p.need_bytes)}"
                      f"  {'yes' if p.fits else 'NO ':4s} {p.compile_s:8.0f}")
-    lines.append("roofline per device and call (compiled HLO, every loop body x its trip count):")
+    lines.append("roofline per device and call (XLA cost analysis, every loop body x its trip count):")
     lines.append(f"  {'program':13s}{'calls/step':>10s}{'TFLOP':>10s}{'GB':>10s}{'t_flops_s':>11s}"
                  f"{'t_hbm_s':>10s}  bound  check(walk/XLA flops, bytes)")
     for name, p in report.programs.items():
