@@ -155,14 +155,16 @@ def model_config(cfg, vocab_size: Optional[int] = None):
     path = spec.path
     if path is None or os.path.exists(runs.resolve_model_path(path) or ""):
         return runs.model_config_for(spec, vocab_size), None
-    numerics = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat)
     name = os.path.basename(os.path.normpath(path)).lower()
-    long_ctx = name.endswith("-16k")
+    long_ctx = name.endswith("-16k") and name not in PRESETS
     base = name[:-4] if long_ctx else name
-    if name in PRESETS:
-        return preset(name, **numerics), name
     if base in PRESETS:
-        return preset(base, rope_theta=40000.0, max_position_embeddings=16384, **numerics), name
+        # The same route as a preset in the config (`runs.model_config_for`), so every model
+        # setting of the config (dtype, remat, attention, ...) applies.
+        sizes = dict(max_position_embeddings=16384) if long_ctx else {}
+        spec = dataclasses.replace(spec, path=None, preset=base, **sizes)
+        mcfg = runs.model_config_for(spec, vocab_size or preset(base).vocab_size)
+        return (mcfg.replace(rope_theta=40000.0) if long_ctx else mcfg), name
     raise ValueError(f"model.path={path!r} is not here and its name matches no preset "
                      f"({', '.join(sorted(PRESETS))}): give the architecture with "
                      f"model.path=null model.preset=NAME (and size overrides)")
