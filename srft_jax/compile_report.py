@@ -412,7 +412,8 @@ def _sampler_programs(report, sampler, scfg, graphdef, a_state, mesh, b: int, p:
             f"{spec.response_len}, kv_block {spec.kv_block}, {type(spec.strategy).__name__}")
     note = (f"decode while-loop x {steps} steps (every row full length: ceil(rows/slots) x "
             f"(R-1)), each step reading its most expensive branch (the full cache); other loops x "
-            f"their trip counts")
+            f"their trip counts; bytes over-estimated: XLA charges every in-place cache write "
+            f"(and slot refill) with the whole cache it updates")
     rep, _ = analyse(dec_name, what, decode, args, hbm, resident=opt_bytes, calls=calls,
                      unknown_trips=steps, loop_note=note, progress=progress)
     report.programs[dec_name] = rep
