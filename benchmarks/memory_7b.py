@@ -134,15 +134,13 @@ class Report:
 
 
 def analyse(name: str, jitted, *args) -> Report:
-    t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    elapsed = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    return Report(name, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
-                  mem.temp_size_in_bytes, flops, elapsed)
+    """XLA's memory and cost analysis of `jitted(*args)`, through the library's
+    `srft_jax.compile_report.analyse` (what `srft-jax compile` reports)."""
+    from srft_jax.compile_report import analyse as compile_and_analyse
+
+    rep, _ = compile_and_analyse(name, "", jitted, args, float("inf"))
+    return Report(name, rep.argument_bytes, rep.output_bytes, rep.alias_bytes, rep.temp_bytes,
+                  rep.xla_flops, rep.compile_s)
 
 
 # ---- train step --------------------------------------------------------------------------------
@@ -192,29 +190,13 @@ def train_report(mesh, micro_batch: int, remat: str, chunk_size: int, model: str
 # ---- FLOPs of one paper step -------------------------------------------------------------------
 def paper_step_flops(cfg: ModelConfig, response_len: int = RESPONSE) -> dict[str, float]:
     """Model FLOPs (no rematerialisation, PaLM convention) of one SRFT step of the paper with
-    every response `response_len` tokens long (an upper bound; real rollouts stop earlier).
+    every response `response_len` tokens long (an upper bound; real rollouts stop earlier):
+    `srft_jax.compile_report.step_model_flops` (its docstring has the formula) for 128 prompts x
+    (7 rollouts + 1 demonstration), prompt 1024, old log-probs recomputed."""
+    from srft_jax.compile_report import step_model_flops
 
-    Per token: forward 2*N_mm + attention 4*L*N*H*c, where N_mm = matmul parameters (all but the
-    input embedding, which is a gather), N*H = query heads x head dim and c the context the token
-    attends to; training = 3x forward (6*N_mm + 12*L*N*H*c).
-    """
-    n_mm = cfg.num_params() - cfg.vocab_size * cfg.hidden_size
-    attn = cfg.num_layers * cfg.num_heads * cfg.head_dim  # L * N * H
-    p, r = PROMPT, response_len
-    seq = p + r
-    prompts, g = PAPER["prompts"], PAPER["rollouts"]
-    rows = prompts * (g + PAPER["demos"])
-    # Sampling: prefill each prompt once (context grows 1..p, mean p/2), then decode g rows per
-    # prompt for r steps (context p..p+r, mean p + r/2).
-    prefill = prompts * p * (2 * n_mm + 4 * attn * p / 2)
-    decode = prompts * g * r * (2 * n_mm + 4 * attn * (p + r / 2))
-    # Training: every row (rollouts and demos) forward + backward over the full sequence
-    # (causal context mean seq/2), split over the 2 updates (same total).
-    train = rows * seq * (6 * n_mm + 12 * attn * seq / 2)
-    # verl-style recomputation of old log-probs: one more forward of the rollout rows.
-    old_lp = prompts * g * seq * (2 * n_mm + 4 * attn * seq / 2)
-    return dict(n_mm=float(n_mm), prefill=prefill, decode=decode, train=train, old_logprobs=old_lp,
-                total=prefill + decode + train + old_lp)
+    return step_model_flops(cfg, PAPER["prompts"], PAPER["rollouts"], PAPER["demos"], PROMPT,
+                            response_len, recompute_old_logprobs=True)
 
 
 def flops_lines(cfg: ModelConfig, model: str = "7b") -> list[str]:

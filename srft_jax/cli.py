@@ -1,4 +1,4 @@
-"""Command-line entry point: `srft-jax {train,eval,sample,convert,data,info,plot,analyze} ...`.
+"""Command-line entry point: `srft-jax {train,eval,sample,convert,data,info,plot,analyze,compile} ...`.
 
 Each sub-command lives in `srft_jax/commands/<name>.py` with `add_arguments(parser)` and
 `run(args) -> int`; this file only parses and dispatches (imports are lazy so `--help` is fast).
@@ -31,6 +31,7 @@ COMMANDS = {
     "info": "Print a model's architecture, parameter count and memory per dtype.",
     "plot": "Plot training curves of one or more runs.",
     "analyze": "Token-probability changes of tuned models against their base (paper Section 3).",
+    "compile": "Compile a config's programs for a TPU slice (from any machine): memory per chip and roofline.",
 }
 
 

@@ -96,6 +96,8 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Optional[Sequence[Any]] =
     shape = cfg.shape(len(devices))
     if devices == list(jax.devices()):
         return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3)
+    if getattr(devices[0], "platform", "") == "tpu":  # a TPU topology (srft-jax compile): ICI-aware
+        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * 3)
 
 

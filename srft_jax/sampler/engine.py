@@ -265,20 +265,27 @@ class Sampler:
             out = jax.device_get(self._run(model, *arrays, key, num_samples, cfg, shards))
         return self._output(out, b, num_samples)
 
+    def programs(self, graphdef, b: int, p: int, num_samples: int, cfg: SamplerConfig, shards: int):
+        """(prefill, decode, decode spec): the jitted programs of a call with B = `b` prompts
+        of bucketed width P = `p` (`srft-jax compile` lowers these same programs)."""
+        r = bucket_length(cfg.max_new_tokens, cfg.response_buckets, "sampler.response_buckets")
+        s = shards * slots_per_shard(cfg.decode_slots, b // shards * num_samples, shards)
+        spec = loop.DecodeSpec(
+            batch=b, prompt_len=p, num_samples=num_samples, response_len=r, slots=s,
+            shards=shards, kv_block=cfg.kv_block,
+            strategy=make_strategy(cfg.temperature, cfg.top_p, cfg.top_k),
+            kv_cache_dtype=cfg.kv_cache_dtype, lora_merge=cfg.lora_merge)
+        prefill = self._program("prefill", graphdef, loop.PrefillSpec(b, p, cfg.kv_cache_dtype))
+        return prefill, self._program("decode", graphdef, spec), spec
+
     def _run(self, model, tokens, mask, prompt_lens, real, ids, key, num_samples: int,
              cfg: SamplerConfig, shards: int) -> dict:
         """Prefill and decode of B (global) right-padded prompts [B,P]; the decode outputs and
         the number of slots."""
         b, p = tokens.shape
-        r = bucket_length(cfg.max_new_tokens, cfg.response_buckets, "sampler.response_buckets")
-        s = shards * slots_per_shard(cfg.decode_slots, b // shards * num_samples, shards)
         graphdef, state = nnx.split(model)
-        prefill = self._program("prefill", graphdef, loop.PrefillSpec(b, p, cfg.kv_cache_dtype))
-        decode = self._program("decode", graphdef, loop.DecodeSpec(
-            batch=b, prompt_len=p, num_samples=num_samples, response_len=r, slots=s,
-            shards=shards, kv_block=cfg.kv_block,
-            strategy=make_strategy(cfg.temperature, cfg.top_p, cfg.top_k),
-            kv_cache_dtype=cfg.kv_cache_dtype, lora_merge=cfg.lora_merge))
+        prefill, decode, spec = self.programs(graphdef, b, p, num_samples, cfg, shards)
+        s = spec.slots
         t0 = time.perf_counter()
         store, last_logits = jax.block_until_ready(prefill(state, tokens, mask))
         t1 = time.perf_counter()
