@@ -71,6 +71,7 @@ CASES = [
     ("convert-src", ["convert", "/nope", "out"], 1, "SRC"),
     ("convert-no-weights", ["convert", "no-weights", "out"], 1, "SRC"),
     ("convert-shard-size", ["convert", "hf", "out", "--max-shard-size", "4XB"], 2, "--max-shard-size"),
+    ("convert-run-dir", ["convert", "run", "out"], 1, "SRC"),
     ("convert-dtype", ["convert", "hf", "out", "--dtype", "int8"], 2, "--dtype"),
     # info
     ("info-model", ["info", "/nope"], 1, "/nope"),
@@ -91,6 +92,12 @@ CASES = [
                       "--out", "an"], 1, "--data"),
     ("analyze-names", ["analyze", "--base", "hf", "--models", "hf", "--names", "a,b", "--data",
                        "data/train.jsonl", "--out", "an"], 2, "--names"),
+    # compile
+    ("compile-config", ["compile", "--config", "/nope.yaml", "--topology", "v5e-4"], 2, "/nope.yaml"),
+    ("compile-topology", ["compile", "--config", "demo", "--topology", "v9z-8"], 2, "--topology"),
+    ("compile-slice", ["compile", "--config", "demo", "--topology", "v5e-3"], 2, "--topology"),
+    ("compile-unknown-key", ["compile", "--config", "demo", "--topology", "cpu:1", "train.nosuch=1"],
+     2, "train.nosuch"),
     # plot
     ("plot-run-dir", ["plot", "/nope"], 1, "/nope"),
     # the command line itself

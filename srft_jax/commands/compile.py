@@ -62,7 +62,7 @@ def add_arguments(parser) -> None:
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG.format(table="\n".join(table_lines()))
-    parser.add_argument("--config", required=True, help="YAML config (as for srft-jax train)")
+    parser.add_argument("--config", required=True, help="YAML config file, or the name of a bundled config (as for srft-jax train)")
     parser.add_argument("--topology", required=True,
                         help="a Cloud TPU slice (v4-8..v4-4096, v5e-1..v5e-256, v5p-8..v5p-12288, "
                              "v6e-1..v6e-256) or cpu:N")
@@ -73,7 +73,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from srft_jax.config import ConfigError, load_config
+    from srft_jax.config import ConfigError, load_config, resolve_config_path
     from srft_jax.hardware import slice_for
 
     try:
@@ -84,7 +84,7 @@ def run(args) -> int:
         flag = f"--xla_force_host_platform_device_count={hw.chips}"
         if flag not in os.environ.get("XLA_FLAGS", ""):
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(resolve_config_path(args.config), args.overrides)
     from srft_jax.compile_report import KNOBS, PROGRAMS, compile_config
 
     only = None

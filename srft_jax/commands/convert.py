@@ -47,7 +47,7 @@ def run(args) -> int:
         max_shard_bytes = parse_size(args.max_shard_size)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    src = check_model_source(args.src, "SRC", tokenizer=False, run_dir=False)
+    src = check_model_source(args.src, "SRC", tokenizer=False, run_dir=True)
     out = convert(src, args.out, args.dtype, max_shard_bytes)
     cfg = read_model_config(out)
     print(f"wrote {out}: {cfg.arch}, {count_params(cfg):,} parameters in {args.dtype}")
