@@ -15,6 +15,7 @@ from typing import Any
 ARCHS = ("qwen2", "qwen3", "llama")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
+ATTENTION = ("auto", "xla", "splash", "cudnn")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,12 @@ class ModelConfig:
     rope_scaling_*: Llama-3 style frequency scaling; factor 0 disables it.
     param_dtype / dtype: storage and compute dtypes ('float32', 'bfloat16', 'float16').
     remat: per-layer rematerialisation: 'none', 'full' (save nothing) or 'dots' (save matmuls).
+    attention: the attention over a whole sequence (training forward/backward, scoring, the
+      prefill): 'xla' (a masked softmax, any platform), 'splash' (the Pallas splash kernel, TPU),
+      'cudnn' (cuDNN flash attention, NVIDIA GPU, bfloat16/float16) or 'auto' (splash on TPU,
+      cudnn on an NVIDIA GPU with a 16-bit dtype, else xla), resolved from the platform of the
+      devices in use when the program is traced (`models/attention_kernels.py`). The decode step
+      always uses the block-wise attention over its cache.
     """
 
     arch: str = "qwen2"
@@ -51,6 +58,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -83,6 +91,8 @@ class ModelConfig:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {DTYPES}")
         if self.remat not in REMAT:
             raise ValueError(f"model.remat={self.remat!r}; choose one of {REMAT}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"model.attention={self.attention!r}; choose one of {ATTENTION}")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
