@@ -181,14 +181,22 @@ def test_devices_in_use_follow_the_mesh():
 
 
 def test_model_config_field():
+    from srft_jax.config import ConfigError, load_config, resolve_config_path
+
     assert ModelConfig.tiny().attention == "auto"
     with pytest.raises(ValueError, match=r"model.attention='flash'; choose one of"):
         ModelConfig.tiny(attention="flash")
+    assert load_config(resolve_config_path("demo"), ["model.attention=splash"]).model.attention == "splash"
+    with pytest.raises(ConfigError, match=r"command line.*model.attention='flash'"):
+        load_config(resolve_config_path("demo"), ["model.attention=flash"])
 
 
 def test_decoder_refuses_splash_on_cpu_in_one_line():
+    """A RunError: the CLI prints its one line (see test_faults_errors)."""
+    from srft_jax.faults import RunError
+
     model = Decoder(ModelConfig.tiny(attention="splash"), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(RunError) as e:
         model(jnp.ones((1, 4), jnp.int32))
     assert str(e.value).startswith("model.attention=splash needs TPU devices") and "\n" not in str(e.value)
 

@@ -33,13 +33,18 @@ import jax
 import jax.numpy as jnp
 
 from srft_jax import mesh as mesh_lib
+from srft_jax.faults import RunError
+from srft_jax.models.config import ATTENTION as IMPLEMENTATIONS
 
 F32 = jnp.float32
 NEG = -1e30  # finite stand-in for -inf: a query with no visible key gets equal scores
-IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 SPLASH_BLOCKS = (512, 256, 128)  # block sizes tried, largest first; Tp is a multiple of 128
 
 _interpret = [False]  # see `splash_interpret`
+
+
+class AttentionUnavailable(RunError, ValueError):
+    """`model.attention` names an implementation the devices in use cannot run (one line)."""
 
 
 @contextlib.contextmanager
@@ -66,8 +71,8 @@ def devices_in_use() -> tuple[str, str]:
 
 def resolve(name: str, dtype: str, platform: str | None = None, device_kind: str = "") -> str:
     """The implementation `model.attention=name` means for compute dtype `dtype` on devices of
-    `platform` ('tpu', 'gpu', 'cpu'; None: `devices_in_use()`). Raises ValueError (one line)
-    when `name` cannot run there."""
+    `platform` ('tpu', 'gpu', 'cpu'; None: `devices_in_use()`). Raises AttentionUnavailable
+    (a ValueError; the CLI prints its one line) when `name` cannot run there."""
     if platform is None:
         platform, device_kind = devices_in_use()
     nvidia = platform in ("gpu", "cuda") and "nvidia" in device_kind.lower()
@@ -76,18 +81,18 @@ def resolve(name: str, dtype: str, platform: str | None = None, device_kind: str
             return "splash"
         return "cudnn" if nvidia and dtype in ("bfloat16", "float16") else "xla"
     if name == "splash" and platform != "tpu" and not _interpret[-1]:
-        raise ValueError(f"model.attention=splash needs TPU devices, but the devices in use are "
+        raise AttentionUnavailable(f"model.attention=splash needs TPU devices, but the devices in use are "
                          f"{platform}; use model.attention=auto or xla")
     if name == "cudnn":
         if not nvidia:
-            raise ValueError(f"model.attention=cudnn needs NVIDIA GPU devices, but the devices in "
+            raise AttentionUnavailable(f"model.attention=cudnn needs NVIDIA GPU devices, but the devices in "
                              f"use are {platform} {device_kind}".rstrip()
                              + "; use model.attention=auto or xla")
         if dtype not in ("bfloat16", "float16"):
-            raise ValueError(f"model.attention=cudnn needs model.dtype bfloat16 or float16 (cuDNN "
+            raise AttentionUnavailable(f"model.attention=cudnn needs model.dtype bfloat16 or float16 (cuDNN "
                              f"flash attention has no {dtype}); use model.attention=xla")
     if name not in IMPLEMENTATIONS:
-        raise ValueError(f"model.attention={name!r}; choose one of {IMPLEMENTATIONS}")
+        raise AttentionUnavailable(f"model.attention={name!r}; choose one of {IMPLEMENTATIONS}")
     return name
 
 
