@@ -23,7 +23,7 @@ from srft_jax.data.config import DataConfig
 from srft_jax.faults import UsageError
 from srft_jax.losses import SRFTLossConfig
 from srft_jax.mesh import MeshConfig
-from srft_jax.models.config import DTYPES, PRESETS, REMAT, preset
+from srft_jax.models.config import ATTENTION, DTYPES, PRESETS, REMAT, preset
 from srft_jax.models.lora import LoraConfig
 from srft_jax.rewards import DEFAULT_REWARD_TIMEOUT
 from srft_jax.sampler import SamplerConfig
@@ -45,6 +45,9 @@ class ModelSpec:
       checkpoint; this is how SFT -> RL is two commands). None: random initialisation from
       `preset`, with the size overrides below (vocab_size None = the tokenizer's size).
     tokenizer: tokenizer directory; None = `path` (or the data's built-in tokenizer).
+    dtype / param_dtype / remat / attention: the model's numerics (`models.config.ModelConfig`);
+      attention: auto | xla | splash | cudnn (auto: splash on TPU, cudnn on an NVIDIA GPU with
+      a 16-bit dtype, else xla; docs/attention.md).
     lora: LoRA adapters (`models.lora.LoraConfig`; rank 0 = full fine-tuning): the base
       weights stay frozen and only the adapters are trained, checkpointed and optimised.
     """
@@ -63,6 +66,7 @@ class ModelSpec:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
@@ -73,6 +77,8 @@ class ModelSpec:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {DTYPES}")
         if self.remat not in REMAT:
             raise ValueError(f"model.remat={self.remat!r}; choose one of {REMAT}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"model.attention={self.attention!r}; choose one of {ATTENTION}")
         if self.path is None:  # the sizes must make a model now, not after the data is loaded
             preset(self.preset, **self.size_overrides())
 

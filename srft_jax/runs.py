@@ -198,7 +198,7 @@ def model_config_for(spec, vocab_size: int) -> ModelConfig:
     """The architecture of `spec` (a `config.ModelSpec`) with its numerics (dtype, remat)."""
     path = resolve_model_path(spec.path)
     numerics = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat,
-                    **spec.lora.model_fields())
+                    attention=spec.attention, **spec.lora.model_fields())
     if path is None:
         from srft_jax.models.config import preset
 
@@ -227,7 +227,8 @@ def init_model(spec, model_cfg: ModelConfig, mesh, seed: int) -> nnx.Module:
     path = resolve_model_path(spec.path)
     if path is not None and not is_run_dir(path):
         model, _ = weights.load_pretrained(path, mesh=mesh, dtype=spec.dtype,
-                                           param_dtype=spec.param_dtype, remat=spec.remat)
+                                           param_dtype=spec.param_dtype, remat=spec.remat,
+                                           attention=spec.attention)
         return model
     model = weights.create_sharded_model(model_cfg, mesh, seed=seed)
     if path is not None:  # an earlier run: the parameters of its newest checkpoint that restores

@@ -19,6 +19,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
 # Projections that can carry LoRA adapters (`lora_targets`), in the order of a block.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION = ("auto", "xla", "splash", "cudnn")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,12 @@ class ModelConfig:
     rope_scaling_*: Llama-3 style frequency scaling; factor 0 disables it.
     param_dtype / dtype: storage and compute dtypes ('float32', 'bfloat16', 'float16').
     remat: per-layer rematerialisation: 'none', 'full' (save nothing) or 'dots' (save matmuls).
+    attention: the attention over a whole sequence (training forward/backward, scoring, the
+      prefill): 'xla' (a masked softmax, any platform), 'splash' (the Pallas splash kernel, TPU),
+      'cudnn' (cuDNN flash attention, NVIDIA GPU, bfloat16/float16) or 'auto' (splash on TPU,
+      cudnn on an NVIDIA GPU with a 16-bit dtype, else xla), resolved from the platform of the
+      devices in use when the program is traced (`models/attention_kernels.py`). The decode step
+      always uses the block-wise attention over its cache.
     """
 
     arch: str = "qwen2"
@@ -55,6 +62,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
@@ -90,6 +98,8 @@ class ModelConfig:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {DTYPES}")
         if self.remat not in REMAT:
             raise ValueError(f"model.remat={self.remat!r}; choose one of {REMAT}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"model.attention={self.attention!r}; choose one of {ATTENTION}")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a list from JSON
         if self.lora_rank < 0:
             raise ValueError(f"model.lora.rank must be >= 0 (0 = no adapters), got {self.lora_rank}")

@@ -11,8 +11,11 @@ with `lax.scan`, so compile time does not grow with depth and per-layer remateri
 
 Masks and positions: `mask[B,T]` is 1 on real tokens (left padding is 0). Positions default to
 `cumsum(mask) - 1`, so a left-padded prompt gets the same RoPE positions as an unpadded one.
-A key slot is visible to a query iff it holds a real token and is not in the query's future
-(`models/attention.py`: the one attention implementation, shared with the sampler's decode step).
+A key slot is visible to a query iff it holds a real token and is not in the query's future.
+Attention over a whole sequence (no cache, or a prefill that fills a cache of exactly T slots)
+runs `attention_kernels.sequence_attention` with the implementation `model.attention` resolves
+to (xla, splash on TPU, cudnn on GPU); decoding against a longer cache runs the block-wise
+`attention.attention`, shared with the sampler's decode step. Both give the same function.
 
 The KV cache (`KVCache`) holds keys `k [L,B,K,H,S]`, values `v [L,B,K,S,H]`, `valid bool[B,S]` (slot holds a real token)
 and `index` (next slot to write; all rows advance together, so left-padded prompts decode in
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from srft_jax import mesh as mesh_lib
+from srft_jax.models import attention_kernels
 from srft_jax.models.attention import attention
 from srft_jax.models.config import ModelConfig
 
@@ -335,6 +339,10 @@ class Decoder(nnx.Module):
             kv_mask = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask, index, axis=1)
             q_slot = jnp.broadcast_to(index + jnp.arange(t), (b, t))
 
+        # A cache of exactly T slots is a prefill: slots [0, T) hold this call's tokens, so its
+        # attention is the sequence's own.
+        sequence = cache is None or cache.max_len == t
+        impl = attention_kernels.resolve(cfg.attention, cfg.dtype) if sequence else None
         x = jnp.take(self.embed.embedding[...], tokens, axis=0).astype(dt)
         x = mesh_lib.constrain(x, ("batch", "seq", "act_embed"))
         inv_freq = rope_inv_freq(cfg)
@@ -344,13 +352,16 @@ class Decoder(nnx.Module):
             layer_state, layer_cache = xs
             block = nnx.merge(block_def, layer_state)
 
-            def attend(q, k, v):
-                k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,H,T], [B,K,T,H]
+            def attend(q, k, v):  # q [B,T,N,H], k, v [B,T,K,H]
                 if layer_cache is None:
-                    return attention(q, k, v, q_slot, kv_mask), None
+                    return attention_kernels.sequence_attention(q, k, v, kv_mask, impl), None
                 ck, cv = layer_cache
-                ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=3)
-                cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=2)
+                kt, vt = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,H,T], [B,K,T,H]
+                ck = jax.lax.dynamic_update_slice_in_dim(ck, kt.astype(ck.dtype), index, axis=3)
+                cv = jax.lax.dynamic_update_slice_in_dim(cv, vt.astype(cv.dtype), index, axis=2)
+                if sequence:  # attend to the keys/values as the cache stores them
+                    k, v = (x.astype(ck.dtype).astype(q.dtype) for x in (k, v))
+                    return attention_kernels.sequence_attention(q, k, v, kv_mask, impl), (ck, cv)
                 return attention(q, ck, cv, q_slot, kv_mask), (ck, cv)
 
             return block(carry, positions, inv_freq, attend)
