@@ -267,14 +267,15 @@ def analyse(name: str, what: str, jitted, args, hbm: float, *, resident: float =
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     text = compiled.as_text()
     walk = hlo_cost.loop_costs(text, unknown_trips=unknown_trips)
-    ones = hlo_cost.loop_costs(text, ones=True)
+    ones = hlo_cost.loop_costs(text, ones=True, in_place=False)  # XLA's conventions
     note = loop_note or "every loop x its trip count"
     if walk.unknown_loops:
         note += f"; {walk.unknown_loops} loop(s) without a static trip count counted as told"
     xla_flops = float(cost.get("flops", math.nan))
     xla_bytes = float(cost.get("bytes accessed", math.nan))
-    # XLA's own per-instruction figures with every loop x its trip count: the walk's loop
-    # factor (walk / walk with trip counts 1) applied to XLA's cost analysis.
+    # XLA's own per-instruction figures with every loop x its trip count and in-place updates
+    # charged at the bytes they write: the walk's factor (walk / walk with XLA's conventions:
+    # trip counts 1, whole buffers for in-place updates) applied to XLA's cost analysis.
     scale = lambda x, w, w1: x * w / w1 if w1 and not math.isnan(x) else w
     rep = ProgramReport(
         name, what, float(mem.argument_size_in_bytes), float(mem.output_size_in_bytes),
@@ -412,8 +413,8 @@ def _sampler_programs(report, sampler, scfg, graphdef, a_state, mesh, b: int, p:
             f"{spec.response_len}, kv_block {spec.kv_block}, {type(spec.strategy).__name__}")
     note = (f"decode while-loop x {steps} steps (every row full length: ceil(rows/slots) x "
             f"(R-1)), each step reading its most expensive branch (the full cache); other loops x "
-            f"their trip counts; bytes over-estimated: XLA charges every in-place cache write "
-            f"(and slot refill) with the whole cache it updates")
+            f"their trip counts; in-place cache writes charged at the bytes they write, the layout "
+            f"copies the compiler puts around them in full")
     rep, _ = analyse(dec_name, what, decode, args, hbm, resident=opt_bytes, calls=calls,
                      unknown_trips=steps, loop_note=note, progress=progress)
     report.programs[dec_name] = rep

@@ -11,7 +11,11 @@ others (the slot refills around it). Per instruction it charges, as XLA's cost a
     fusions); elementwise work is not counted (small next to the matrix products);
   bytes: operands + outputs of each scheduled instruction (a fusion is one read of its inputs
     and one write of its outputs; nothing inside it touches HBM); tuples, parameters,
-    get-tuple-element, bitcasts and constants are free.
+    get-tuple-element, bitcasts and constants are free. An in-place update (a
+    dynamic-update-slice or scatter into a buffer, alone or as a fusion's root) is charged the
+    bytes of its update read and written, not the whole buffer (XLA's cost analysis charges
+    the whole buffer: a decode step writing one token per row into the KV cache would count
+    the cache twice); `in_place=False` charges as XLA does.
   `conditional`: the most expensive branch (an upper bound: one branch runs; XLA adds them all,
     and so does the walk with `ones`).
 With every trip count taken as 1 (`ones`) the walk counts what XLA's cost analysis counts, up
@@ -60,6 +64,7 @@ class Cost:
 class Module:
     computations: dict[str, list[Instr]] = field(default_factory=dict)
     entry: str = ""
+    roots: dict[str, str] = field(default_factory=dict)  # computation -> its ROOT instruction
 
 
 def _split_shape(rest: str) -> tuple[str, str]:
@@ -105,7 +110,8 @@ def parse(hlo_text: str) -> Module:
     for line in hlo_text.splitlines():
         header = re.match(r"^(ENTRY )?%([\w.\-]+) \(.*\{\s*$", line)
         if header:
-            current = module.computations.setdefault(header.group(2), [])
+            comp = header.group(2)
+            current = module.computations.setdefault(comp, [])
             if header.group(1):
                 module.entry = header.group(2)
             continue
@@ -116,6 +122,8 @@ def parse(hlo_text: str) -> Module:
             instr = _parse_instr(line)
             if instr is not None:
                 current.append(instr)
+                if line.strip().startswith("ROOT "):
+                    module.roots[comp] = instr.name
     return module
 
 
@@ -164,10 +172,11 @@ def _matmul_flops(instr: Instr, shapes: dict[str, str]) -> float:
 
 
 class _Walker:
-    def __init__(self, module: Module, unknown_trips: float, ones: bool):
+    def __init__(self, module: Module, unknown_trips: float, ones: bool, in_place: bool = True):
         self.m = module
         self.unknown_trips = unknown_trips
         self.ones = ones  # every trip count 1 (XLA's own convention), to check the walk
+        self.in_place = in_place  # charge in-place updates at the bytes they write
         self.memo: dict[tuple[str, bool], Cost] = {}
         self._main: dict[str, Optional[str]] = {}
 
@@ -199,6 +208,33 @@ class _Walker:
         if len(values) != 1 or not re.fullmatch(r"-?\d+", values[0].strip()):
             return None
         return int(values[0])
+
+    def in_place_saving(self, instr: Instr, shapes: dict[str, str], comp: Optional[str]) -> float:
+        """Bytes charged for an in-place update beyond what it touches: a dynamic-update-slice
+        or scatter writes its update into its first operand's buffer (XLA updates the buffer in
+        place) yet is charged a read and a write of the whole buffer. For such an instruction,
+        or a fusion whose root (or a root tuple element) is one on a fusion parameter: 2 x
+        (buffer - update) bytes."""
+        if comp is None:
+            elems, local, params = [instr], shapes, None
+        else:
+            body = self.m.computations.get(comp, [])
+            local = {i.name: i.shape for i in body}
+            by_name = {i.name: i for i in body}
+            root = by_name.get(self.m.roots.get(comp, ""))
+            if root is None:
+                return 0.0
+            elems = [by_name[o] for o in root.operands if o in by_name] if root.opcode == "tuple" else [root]
+            params = {i.name for i in body if i.opcode == "parameter"}
+        saving = 0.0
+        for e in elems:
+            if e.opcode not in ("dynamic-update-slice", "scatter") or len(e.operands) < 3:
+                continue
+            if params is not None and e.operands[0] not in params:
+                continue
+            update = e.operands[1] if e.opcode == "dynamic-update-slice" else e.operands[2]
+            saving += 2.0 * max(0.0, shape_bytes(e.shape) - shape_bytes(local.get(update, "")))
+        return saving
 
     def fused_flops(self, comp: str) -> float:
         shapes = self.shapes(comp)
@@ -255,6 +291,8 @@ class _Walker:
             io = shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
             if op.endswith("-done"):
                 io = 0.0  # charged at its -start
+            if self.in_place and op in ("fusion", "dynamic-update-slice", "scatter"):
+                io -= self.in_place_saving(i, shapes, _attr(i.attrs, "calls") if op == "fusion" else None)
             c.bytes += io
             c.flops += _matmul_flops(i, shapes)
             if op == "fusion":
@@ -265,10 +303,13 @@ class _Walker:
         return c
 
 
-def loop_costs(hlo_text: str, unknown_trips: float = 1.0, ones: bool = False) -> Cost:
+def loop_costs(hlo_text: str, unknown_trips: float = 1.0, ones: bool = False,
+               in_place: bool = True) -> Cost:
     """FLOPs and bytes of the module's entry computation with every loop body multiplied by
-    its trip count (`ones`: every trip count 1, which is what XLA's cost analysis does)."""
+    its trip count (`ones`: every trip count 1, which is what XLA's cost analysis does).
+    `in_place`: an in-place update (dynamic-update-slice, scatter) is charged the bytes of its
+    update, not of the whole buffer it updates (False: the whole buffer, as XLA charges it)."""
     module = parse(hlo_text)
     if not module.entry:
         raise ValueError("no ENTRY computation in the HLO text")
-    return _Walker(module, unknown_trips, ones).cost(module.entry, True)
+    return _Walker(module, unknown_trips, ones, in_place).cost(module.entry, True)

@@ -77,6 +77,25 @@ def test_walk_multiplies_loop_bodies_by_their_trip_counts():
     assert walk.bytes > 10 * ones.bytes  # 15 reads of x and the carry against 1
 
 
+def test_walk_charges_an_in_place_update_at_the_bytes_it_writes():
+    """Writing one row into a donated [4096, 256] buffer touches that row, not the buffer: the
+    walk charges the update (read and written) where XLA's convention charges the whole buffer
+    read and written."""
+    import jax
+    import jax.numpy as jnp
+
+    from srft_jax.hlo_cost import loop_costs
+
+    buf = jax.ShapeDtypeStruct((4096, 256), jnp.float32)
+    row = jax.ShapeDtypeStruct((1, 256), jnp.float32)
+    i = jax.ShapeDtypeStruct((), jnp.int32)
+    write = jax.jit(lambda b, r, i: jax.lax.dynamic_update_slice(b, r, (i, 0)), donate_argnums=0)
+    text = write.lower(buf, row, i).compile().as_text()
+    whole, row_bytes = 4096 * 256 * 4, 256 * 4
+    assert loop_costs(text, in_place=False).bytes >= 2 * whole
+    assert loop_costs(text).bytes < 4 * row_bytes + 64
+
+
 # ---- the command -------------------------------------------------------------------------------
 def _compile(tmp_path, topology, *overrides, programs=None):
     out = tmp_path / "report.json"
