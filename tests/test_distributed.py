@@ -22,6 +22,9 @@ import sys
 import time
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.compat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2

@@ -42,6 +42,8 @@ from srft_jax.models import ModelConfig
 from srft_jax.models.weights import create_sharded_model
 from srft_jax.train_step import OptimizerConfig, make_optimizer, opt_state_shardings, param_shardings
 
+pytestmark = pytest.mark.compat
+
 CFG = ModelConfig.tiny(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
 PATIENCE_S = 600.0  # only ever waited out when a check is broken (a busy machine is slow, never this slow)
 

@@ -24,6 +24,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.compat
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATIENCE_S = 120.0  # only ever waited out when something is broken
 

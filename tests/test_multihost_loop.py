@@ -35,6 +35,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.compat
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 4
