@@ -92,9 +92,28 @@ def initialize(cfg: MeshConfig, environ: Optional[Mapping[str, str]] = None) -> 
         kwargs = dict(coordinator_address=cfg.coordinator_address,
                       num_processes=cfg.num_processes, process_id=cfg.process_id)
     jax.distributed.initialize(**kwargs)
+    _no_persistent_cache_on_cpu_processes()
     log.info("jax.distributed: process %d of %d, %d local / %d global devices",
              jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
     return cfg
+
+
+def _no_persistent_cache_on_cpu_processes() -> None:
+    """Turns JAX's persistent compilation cache off for CPU processes under jax.distributed.
+
+    With jaxlib 0.12 a CPU program with cross-process (gloo) collectives that is loaded from
+    the persistent cache never finishes: every process waits forever in its first
+    cross-process all-reduce (a freshly compiled copy of the same program runs). jaxlib 0.10
+    runs both. A multi-process CPU run (tests, debugging a multi-host set-up on one machine)
+    therefore compiles its programs afresh, whatever JAX_COMPILATION_CACHE_DIR says;
+    accelerators keep the cache. Must run before the first compilation.
+    """
+    if jax.process_count() == 1 or jax.default_backend() != "cpu":
+        return
+    if jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_enable_compilation_cache", False)
+        log.info("jax.distributed on CPU: the persistent compilation cache (%s) is off for this run",
+                 jax.config.jax_compilation_cache_dir)
 
 
 def is_main() -> bool:

@@ -11,6 +11,8 @@ import pytest
 
 from srft_jax.models.attention import attention
 
+pytestmark = pytest.mark.compat
+
 B, T, N, K, H, S = 3, 2, 4, 2, 8, 20
 
 

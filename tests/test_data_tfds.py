@@ -27,6 +27,8 @@ from srft_jax.data.training import (
 )
 from srft_jax.testing import ScriptedPolicy, make_byte_tokenizer
 
+pytestmark = pytest.mark.compat
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

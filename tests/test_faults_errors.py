@@ -15,6 +15,8 @@ from srft_jax.data.iterator import PromptIterator
 from srft_jax.faults import DataError, MissingDataError, RunError
 from tests.test_data_training import load, row, tokenizer, write_jsonl  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.compat
+
 DEMO = resolve_config_path("demo")
 
 

@@ -26,6 +26,8 @@ from srft_jax.cli import main as cli_main
 from srft_jax.metrics import read_metrics
 from test_train_loop import SMALL, VOLATILE, _params
 
+pytestmark = pytest.mark.compat
+
 STEPS = 8
 PATIENCE_S = 600  # only ever waited out when something is broken
 

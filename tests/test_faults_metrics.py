@@ -22,6 +22,8 @@ from conftest import mount_tmpfs
 from srft_jax.faults import RunWriteError
 from srft_jax.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, read_metrics
 
+pytestmark = pytest.mark.compat
+
 
 def _run(run_dir, steps, start_step, tensorboard=True):
     w = MetricsWriter(str(run_dir), start_step=start_step, tensorboard=tensorboard)

@@ -24,6 +24,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.compat
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATIENCE_S = 120.0  # only ever waited out when something is broken
 
@@ -32,13 +34,16 @@ PATIENCE_S = 120.0  # only ever waited out when something is broken
 def loop(out_dir: str, port: int, process_id: int) -> int:
     import jax
 
-    if port:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                                   process_id=process_id)
     import numpy as np
 
     from srft_jax import distributed
+
+    if port:
+        from srft_jax.mesh import MeshConfig
+
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        distributed.initialize(MeshConfig(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                                          process_id=process_id))
     from srft_jax.preemption import EXIT_STOPPED, StopSignals
 
     log = open(os.path.join(out_dir, f"log{process_id}"), "a", buffering=1)

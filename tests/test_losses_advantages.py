@@ -7,6 +7,8 @@ import pytest
 
 from srft_jax.losses import SRFTLossConfig, compute_advantages, group_advantages
 
+pytestmark = pytest.mark.compat
+
 
 def np_group_advantages(rewards, group, use_std=True, eps=1e-6, stats=None):
     """Loop reference. Statistics over the members in `stats`; std with ddof=1; a zero std

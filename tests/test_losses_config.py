@@ -7,6 +7,8 @@ from omegaconf import MISSING, OmegaConf
 
 from srft_jax.losses import PRESET_NAMES, SRFTLossConfig
 
+pytestmark = pytest.mark.compat
+
 # Written from docs/srft-method.md "Presets", independently of the library's tables.
 PAPER = dict(
     sft_coef=0.5,

@@ -7,6 +7,8 @@ import pytest
 
 from srft_jax.losses import chunked_token_logprobs_and_entropy, token_logprobs_and_entropy
 
+pytestmark = pytest.mark.compat
+
 RTOL = 1e-5
 
 

@@ -18,6 +18,8 @@ import pytest
 
 from srft_jax.losses import PRESET_NAMES, SRFTLossConfig, loss_normalizers, srft_loss
 
+pytestmark = pytest.mark.compat
+
 RTOL = 1e-5
 SIGN = {"neg": -1.0, "pos": 1.0, "none": 0.0}
 

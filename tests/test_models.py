@@ -17,6 +17,8 @@ from srft_jax.commands import info as info_cmd
 from srft_jax.models import ModelConfig, preset
 from srft_jax.models.weights import count_params
 
+pytestmark = pytest.mark.compat
+
 HF_COUNTS = {  # sum of tensor sizes of the published HF checkpoints
     "qwen2.5-math-1.5b": 1_543_714_304,
     "qwen2.5-math-7b": 7_615_616_512,

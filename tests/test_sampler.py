@@ -26,6 +26,8 @@ from srft_jax.models.decoder import Decoder
 from srft_jax.models.weights import load_pretrained, state_shardings
 from srft_jax.sampler import Greedy, Sampler, SamplerConfig, Temperature, TopK, TopP, make_strategy
 
+pytestmark = pytest.mark.compat
+
 VOCAB = 128
 PAD = 0
 # kv_block 8: the caches of these tests (8 or 16 prompt + 16 or 32 response slots) have 3 to 6

@@ -25,6 +25,8 @@ from srft_jax.models.weights import state_shardings
 from srft_jax.sampler import Sampler, SamplerConfig
 from test_sampler import _prompts as sampler_prompts
 
+pytestmark = pytest.mark.compat
+
 VOCAB, PAD = 96, 0
 CFG = SamplerConfig(max_new_tokens=12, prompt_buckets=(8,), response_buckets=(16,), kv_block=8)
 LENGTHS = [3, 7, 5, 1, 6]  # left-padded to the bucket of 8

@@ -11,6 +11,8 @@ from srft_jax.cli import main as cli_main
 from srft_jax.metrics import read_metrics
 from test_config_fields import assert_every_field_read, record_config_reads
 
+pytestmark = pytest.mark.compat
+
 SMALL = [
     "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",
     "model.num_heads=2", "model.num_kv_heads=1",

@@ -10,6 +10,8 @@ from srft_jax.data.tokenizer import decode_response
 from srft_jax.train import (Rollouts, assemble, init_or_restore, next_prompts, sample_rollouts, score,
                             setup_run, update)
 
+pytestmark = pytest.mark.compat
+
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
         "model.num_kv_heads=1", "train.prompts_per_step=4", "train.rollouts_per_prompt=3",
         "train.updates_per_step=2", "train.micro_batch_size=4", "train.progress_bar=false",

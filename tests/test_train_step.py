@@ -24,6 +24,8 @@ from srft_jax.train_step import (
     param_shardings,
 )
 
+pytestmark = pytest.mark.compat
+
 CFG = ModelConfig.tiny(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
 P, R = 12, 10
 

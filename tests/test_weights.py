@@ -14,6 +14,8 @@ from test_weights_util import (MODELS, edit_config, hf_logits, left_padded_batch
 from srft_jax.models import CheckpointError, load_pretrained, save_pretrained
 from srft_jax.models import weights
 
+pytestmark = pytest.mark.compat
+
 TOL = 1e-4  # float32 logits, the bound
 # every model once; half of them from a sharded checkpoint with an index
 CASES = [("qwen2", False), ("qwen2-tied", True), ("qwen3", True), ("qwen3-tied", False),
