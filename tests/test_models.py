@@ -63,8 +63,11 @@ def test_info_for_a_preset_and_a_directory(tmp_path, capsys):
     out = capsys.readouterr().out
     n = sum(p.numel() for p in hf.parameters())
     assert f"{n:,}" in out and "llama" in out and "F32" in out
-    assert _run(info_cmd, [str(tmp_path / "nope")]) == 2
-    assert "not a model directory" in capsys.readouterr().out
+    from srft_jax.cli import main as cli_main
+
+    assert cli_main(["info", str(tmp_path / "nope")]) == 1  # one line on stderr (docs/errors.md)
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a model directory" in err and len(err.splitlines()) == 1
 
 
 def test_convert_writes_a_complete_bfloat16_directory(tmp_path, capsys):
