@@ -294,6 +294,7 @@ def compile_config(cfg, hw: Slice, progress: Callable[[str], None] = lambda s: N
     from srft_jax.sampler.engine import slots_per_shard
     from srft_jax.shapes import bucket_length, padded_count
     from srft_jax.train import BatchLayout, UpdateFunctions
+    from srft_jax.train_step import param_shardings
     from srft_jax.batch import MixedBatch
     from srft_jax.models import state_shardings
     from srft_jax.models.weights import abstract_model
@@ -325,11 +326,17 @@ def compile_config(cfg, hw: Slice, progress: Callable[[str], None] = lambda s: N
     model = abstract_model(mcfg)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
-    updates = UpdateFunctions(tcfg, cfg.loss, graphdef, params, mesh, layout)
+    lora = bool(mcfg.lora_rank)
+    updates = UpdateFunctions(tcfg, cfg.loss, graphdef, params, mesh, layout, lora=lora)
+    frozen = None
+    if lora:  # as the loop does: the adapters are trained, the base is a frozen argument
+        from srft_jax.models.lora import split_params
+        params, frozen = split_params(params)
     opt = jax.eval_shape(updates.tx.init, params)
     with jax.set_mesh(mesh):
         a_params = _abstract(params, updates.param_shardings)
         a_opt = _abstract(opt, updates.opt_shardings)
+        extra = () if frozen is None else (_abstract(frozen, param_shardings(frozen, mesh)),)
         opt_bytes = _per_device_bytes(a_opt)
         m, b = layout.local_rows // layout.local_micro, layout.micro_batch
         spec = mesh_lib.logical_to_spec((None, "batch"), (1, b), mesh)
@@ -344,13 +351,13 @@ def compile_config(cfg, hw: Slice, progress: Callable[[str], None] = lambda s: N
         updates_per_step = tcfg.updates_per_step
         if "train_step" in wanted:
             rep, _ = analyse("train_step", f"one update: {rows_txt}", updates.train_step,
-                             (a_params, a_opt, batch), hbm, calls=updates_per_step, progress=progress)
+                             (a_params, a_opt, batch) + extra, hbm, calls=updates_per_step, progress=progress)
             report.programs["train_step"] = rep
         recompute = tcfg.recompute_old_logprobs and layout.rollouts
         if "old_logprobs" in wanted:
             if recompute:
                 rep, _ = analyse("old_logprobs", f"forward of {rows_txt}", updates.logprobs,
-                                 (a_params, batch), hbm, resident=opt_bytes, calls=updates_per_step,
+                                 (a_params, batch) + extra, hbm, resident=opt_bytes, calls=updates_per_step,
                                  progress=progress)
                 report.programs["old_logprobs"] = rep
             else:

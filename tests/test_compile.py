@@ -165,6 +165,16 @@ def test_compile_demo_on_forced_cpu_devices(tmp_path):
     assert report["hbm_bytes_per_chip"] is None and report["step"]["roofline_s"] is None
 
 
+def test_lora_update_donates_only_the_adapters(tmp_path):
+    """With model.lora.rank > 0 the train step is the loop's LoRA update: the base is a frozen
+    argument, so only the adapters and their moments come back (aliased to donated inputs)."""
+    done, report = _compile(tmp_path, "v5e-4", "model.lora.rank=4", programs="train_step,old_logprobs")
+    assert done.returncode == 0, done.stderr
+    train = report["programs"]["train_step"]
+    assert 0 < train["alias_bytes"] <= train["output_bytes"] < 0.5 * train["argument_bytes"]
+    assert report["programs"]["old_logprobs"]["resident_bytes"] < 0.25 * train["argument_bytes"]
+
+
 def test_bad_topology_is_one_line(tmp_path):
     done, _ = _compile(tmp_path, "v5p-63")
     assert done.returncode == 2  # a bad command line (docs/errors.md)
