@@ -96,7 +96,7 @@ CASES = [
     ("compile-config", ["compile", "--config", "/nope.yaml", "--topology", "v5e-4"], 2, "/nope.yaml"),
     ("compile-topology", ["compile", "--config", "demo", "--topology", "v9z-8"], 2, "--topology"),
     ("compile-slice", ["compile", "--config", "demo", "--topology", "v5e-3"], 2, "--topology"),
-    ("compile-unknown-key", ["compile", "--config", "demo", "--topology", "cpu:1", "train.nosuch=1"],
+    ("compile-unknown-key", ["compile", "--config", "demo", "--topology", "v5e-4", "train.nosuch=1"],
      2, "train.nosuch"),
     # plot
     ("plot-run-dir", ["plot", "/nope"], 1, "/nope"),
