@@ -42,7 +42,7 @@ import multiprocessing
 import os
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mini_table2_report as report  # noqa: E402
@@ -104,9 +104,11 @@ ANALYSIS_MODELS = ("sft", "grpo", "srft_paper", "srft_official")
 # ---- every config key the benchmark sets, in one place --------------------------------------
 def config_overrides(run_dir: str, data_dir: str, tokenizer_dir: str, *, loss: dict, steps: int,
                      prompts: int, rollouts: int, updates: int, lr: float, seed: int,
-                     init: Optional[str], model: dict, schedule: str = "constant") -> list[str]:
+                     init: Optional[str], model: dict, schedule: str = "constant",
+                     extra: Sequence[str] = ()) -> list[str]:
     """Dotted overrides of the default config for one training run (port here when config
-    keys move). `init`: a run directory to start from (None = random weights of `model`)."""
+    keys move). `init`: a run directory to start from (None = random weights of `model`);
+    `extra`: more overrides, applied last (e.g. `model.lora.rank=16`)."""
     group = rollouts + (1 if loss["preset"] != "grpo" else 0)
     out = [f"model.tokenizer={tokenizer_dir}", f"data.source={data_dir}",
            f"data.max_prompt_len={MAX_LEN}", f"data.max_response_len={MAX_LEN}",
@@ -122,7 +124,7 @@ def config_overrides(run_dir: str, data_dir: str, tokenizer_dir: str, *, loss: d
            "train.tensorboard=false", "train.progress_bar=false", "train.reward_workers=1",
            "eval.every=0"]
     out += [f"model.path={init}"] if init else [f"model.{k}={v}" for k, v in model.items()]
-    return out + [f"loss.{k}={v}" for k, v in loss.items()]
+    return out + [f"loss.{k}={v}" for k, v in loss.items()] + list(extra)
 
 
 # ---- jobs -----------------------------------------------------------------------------------
@@ -184,7 +186,8 @@ def run_job(job: Job, paths: Paths, budget: Budget) -> dict:
 
 def train_run(run_dir: str, data_dir: str, tokenizer_dir: str, *, loss: dict, steps: int,
               budget: Budget, lr: float, seed: int, init: Optional[str], prompts: Optional[int] = None,
-              rollouts: Optional[int] = None, schedule: str = "constant") -> None:
+              rollouts: Optional[int] = None, schedule: str = "constant",
+              extra: Sequence[str] = ()) -> None:
     """One `srft_jax.train.train` run (resumed if it has a checkpoint, skipped if complete)."""
     from srft_jax import train
     from srft_jax.checkpoint import Checkpointer
@@ -203,7 +206,7 @@ def train_run(run_dir: str, data_dir: str, tokenizer_dir: str, *, loss: dict, st
         run_dir, data_dir, tokenizer_dir, loss=loss, steps=steps,
         prompts=prompts or budget.prompts_per_step, rollouts=rollouts,
         updates=budget.updates_per_step, lr=lr, seed=seed, init=init, model=budget.model,
-        schedule=schedule))
+        schedule=schedule, extra=extra))
     log.info("training %s (%s, lr %g, seed %d, %d steps)", run_dir, loss, lr, seed, steps)
     train.train(cfg)
 
