@@ -225,7 +225,7 @@ class UpdateFunctions:
         # Micro-batched arrays [M, b, ...]: b over ('data', 'fsdp'); b is fixed for the run.
         spec = mesh_lib.logical_to_spec((None, "batch"), (1, layout.micro_batch), mesh)
         batch_sharding = NamedSharding(mesh, spec)
-        step_fn = make_train_step(graphdef, self.tx, loss, chunk_size=tcfg.loss_chunk_size)
+        step_fn = make_train_step(graphdef, self.tx, loss, chunk_size=tcfg.loss_chunk_size, seed=tcfg.seed)
         self.train_step = jit_train_step(step_fn, self.param_shardings, self.opt_shardings,
                                          batch_sharding, mesh, frozen_shardings)
         extra = () if frozen_shardings is None else (frozen_shardings,)

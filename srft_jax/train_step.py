@@ -100,11 +100,12 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: Any, p_shardin
         is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-def response_logprobs(model, mb: MixedBatch, chunk_size: int):
-    """log pi(y_t) and entropy [b, R] of the response tokens of a micro-batch."""
+def response_logprobs(model, mb: MixedBatch, chunk_size: int, dropout_key=None):
+    """log pi(y_t) and entropy [b, R] of the response tokens of a micro-batch (`dropout_key`:
+    the LoRA adapters' dropout draws, in the update only)."""
     tokens = jnp.concatenate([mb.prompt_tokens, mb.response_tokens], axis=1)  # [b, P + R]
     mask = jnp.concatenate([mb.prompt_mask, mb.response_mask], axis=1)
-    hidden, _ = model.hidden_states(tokens, mask)  # [b, P + R, D]
+    hidden, _ = model.hidden_states(tokens, mask, dropout_key=dropout_key)  # [b, P + R, D]
     p = mb.prompt_tokens.shape[1]
     h_resp = hidden[:, p - 1:-1]  # the states that predict the response tokens, [b, R, D]
     return chunked_token_logprobs_and_entropy(h_resp, model.unembedding(), mb.response_tokens, chunk_size)
@@ -114,13 +115,22 @@ def _flat(batch: MixedBatch) -> MixedBatch:
     return batch.map(lambda a: a.reshape((-1,) + a.shape[2:]))
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, loss_config: SRFTLossConfig,
-                    chunk_size: int = 1024) -> Callable:
-    """The un-jitted step; `jit_train_step` adds shardings and donation."""
+def update_count(opt_state) -> jax.Array:
+    """The optimiser's update count (the first `count` in its state; 0 if it keeps none)."""
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    return found[0][1] if found else jnp.zeros((), jnp.int32)
 
-    def loss_fn(params, mb, normalizers, frozen):
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, loss_config: SRFTLossConfig,
+                    chunk_size: int = 1024, seed: int = 0) -> Callable:
+    """The un-jitted step; `jit_train_step` adds shardings and donation. With LoRA dropout
+    (`model.lora.dropout` > 0) micro-batch m of update n draws its dropout from
+    fold_in(fold_in(key(seed), n), m), n the optimiser's update count: a resumed run draws
+    what an uninterrupted one would."""
+
+    def loss_fn(params, mb, normalizers, frozen, key):
         model = nnx.merge(graphdef, params if frozen is None else join_params(params, frozen))
-        lp, ent = response_logprobs(model, mb, chunk_size)
+        lp, ent = response_logprobs(model, mb, chunk_size, key)
         loss, _ = srft_loss(lp, ent, mb, loss_config, normalizers=normalizers)
         return loss, (lp, ent)
 
@@ -128,14 +138,19 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_config: SRF
         normalizers = loss_normalizers(_flat(batch), loss_config)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        # Unused (and removed by XLA) unless the model has LoRA dropout.
+        update_key = jax.random.fold_in(jax.random.key(seed), update_count(opt_state))
 
-        def accumulate(carry, mb):
+        def accumulate(carry, xs):
+            mb, m = xs
             g_acc, l_acc = carry
-            (loss, (lp, ent)), g = grad_fn(params, mb, normalizers, frozen)
+            (loss, (lp, ent)), g = grad_fn(params, mb, normalizers, frozen, jax.random.fold_in(update_key, m))
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
             return (g_acc, l_acc + loss), (lp, ent)
 
-        (grads, loss), (lp, ent) = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), batch)
+        n_micro = jax.tree.leaves(batch)[0].shape[0]
+        (grads, loss), (lp, ent) = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
+                                                (batch, jnp.arange(n_micro)))
         # Exact whole-mini-batch metrics from the collected log-probs (no model involved).
         flat = _flat(batch)
         _, metrics = srft_loss(lp.reshape(flat.response_mask.shape), ent.reshape(flat.response_mask.shape),

@@ -14,7 +14,6 @@ from srft_jax.config import Config
 # Fields read only while the config is built, and where.
 READ_ELSEWHERE = {
     "loss.preset": "resolved into the loss switches by SRFTLossConfig.__post_init__",
-    "model.lora.dropout": "LoraConfig.__post_init__: only 0 is supported, anything else is an error",
 }
 # Fields that only mean something when another field selects them (the demo run does not):
 # field -> the overrides that select it. `test_selected_fields_are_read` checks each.
@@ -22,6 +21,7 @@ READ_WHEN_SELECTED = {
     "loss.rl_norm_constant": {"rl_normalizer": "constant"},
     "model.lora.alpha": {"rank": 4},
     "model.lora.targets": {"rank": 4},
+    "model.lora.dropout": {"rank": 4},
 }
 
 

@@ -181,7 +181,8 @@ def test_rollouts_equal_those_of_the_model_merged_by_hand(lora_merge):
 @pytest.mark.parametrize("override, message", [
     ("model.lora.rank=-1", "model.lora.rank must be >= 0"),
     ("model.lora.alpha=0", "model.lora.alpha must be > 0"),
-    ("model.lora.dropout=0.1", "model.lora.dropout=0.1: only 0 is supported"),
+    ("model.lora.dropout=1.0", "model.lora.dropout must be in [0, 1), got 1.0"),
+    ("model.lora.dropout=-0.1", "model.lora.dropout must be in [0, 1), got -0.1"),
     ("model.lora.targets=[q_proj,wq]", "model.lora.targets: 'wq' matches no projection"),
     ("model.lora.targets=['(']", "model.lora.targets: '(' is not a regular expression"),
 ])
@@ -197,5 +198,5 @@ def test_lora_targets_regex_and_list():
     assert LoraConfig(rank=2, targets=("[qkvo]_proj",)).projections() == ("q_proj", "k_proj", "v_proj", "o_proj")
     assert LoraConfig(rank=2, targets=("up_proj", "q_proj")).projections() == ("q_proj", "up_proj")
     cfg = load_config(resolve_config_path("demo"), ["model.lora.rank=8", "model.lora.targets=[gate_proj,up_proj]"])
-    assert cfg.model.lora.model_fields() == {"lora_rank": 8, "lora_alpha": 16.0,
+    assert cfg.model.lora.model_fields() == {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.0,
                                              "lora_targets": ("gate_proj", "up_proj")}

@@ -16,7 +16,8 @@ from srft_jax.cli import main as cli_main
 from test_faults_loop import PATIENCE_S, _kill, _stable, _start, _wait_for, STEPS
 import test_faults_loop
 
-LORA = ["model.lora.rank=4", "model.lora.alpha=8", "train.optim.lr=1e-2"]
+# With adapter dropout: the resumed run must draw the same dropout masks as the reference.
+LORA = ["model.lora.rank=4", "model.lora.alpha=8", "model.lora.dropout=0.1", "train.optim.lr=1e-2"]
 
 
 def _cmd(run_dir, *extra):

@@ -66,6 +66,7 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_dropout: float = 0.0
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -103,6 +104,8 @@ class ModelConfig:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a list from JSON
         if self.lora_rank < 0:
             raise ValueError(f"model.lora.rank must be >= 0 (0 = no adapters), got {self.lora_rank}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.lora_dropout}")
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if bad:
             raise ValueError(f"model.lora.targets: {bad[0]!r} is not a projection; choose from {LORA_TARGETS}")

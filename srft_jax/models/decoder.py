@@ -114,7 +114,10 @@ class Projection(nnx.Module):
     With `lora`: adapters `lora_a [*in, r]` and `lora_b [r, *out]` (`nnx.LoRAParam`, float32,
     drawn from the `lora` stream of `rngs` so the base parameters do not depend on them), and
     `adapt` adds `scale * (x A) B` to the projection's output. A is uniform in +-1/sqrt(fan_in)
-    (PEFT's default), B is 0: an adapted model starts equal to its base.
+    (PEFT's default), B is 0: an adapted model starts equal to its base. With
+    `cfg.lora_dropout` p > 0 and a `key`, `adapt` drops the adapters' input as PEFT does:
+    `scale * (dropout(x) A) B`, each element kept with probability 1 - p and scaled by 1/(1 - p);
+    without a key (sampling, old log-probs, evaluation) nothing is dropped.
     """
 
     def __init__(self, in_shape, out_shape, cfg: ModelConfig, *, bias: bool, rngs: nnx.Rngs,
@@ -130,16 +133,32 @@ class Projection(nnx.Module):
         else:
             self.lora_a = self.lora_b = None
         self.lora_scale = cfg.lora_scale if lora else 0.0
+        self.lora_dropout = cfg.lora_dropout if lora else 0.0
 
-    def adapt(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    def adapt(self, x: jax.Array, y: jax.Array, key: Optional[jax.Array] = None) -> jax.Array:
         """y + scale * (x A) B: x [B,T,*in] the projection's input, y [B,T,*out] its output
-        (y unchanged without adapters). Computed in x's dtype, the adapters cast to it."""
+        (y unchanged without adapters). Computed in x's dtype, the adapters cast to it. `key`:
+        the adapters' dropout draws (training only; see the class)."""
         if self.lora_a is None:
             return y
+        if key is not None and self.lora_dropout > 0:
+            x = lora_dropout(key, x, self.lora_dropout)
         a = self.lora_a[...].astype(x.dtype)
         b = self.lora_b[...].astype(x.dtype)
         xa = jnp.tensordot(x, a, axes=a.ndim - 1)  # [B, T, r]
         return y + (self.lora_scale * jnp.tensordot(xa, b, axes=1)).astype(y.dtype)
+
+
+def lora_dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout of `x`: each element kept with probability 1 - rate, scaled by
+    1 / (1 - rate), the rest 0."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def _keys(key: Optional[jax.Array], n: int) -> tuple:
+    """n independent keys of `key` (n Nones without one)."""
+    return (None,) * n if key is None else tuple(jax.random.fold_in(key, i) for i in range(n))
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
@@ -183,37 +202,40 @@ class Attention(nnx.Module):
         self.num_kv_heads = k
         self.head_dim = h
 
-    def _proj(self, p: Projection, x: jax.Array) -> jax.Array:
+    def _proj(self, p: Projection, x: jax.Array, key=None) -> jax.Array:
         y = jnp.einsum("BTD,DNH->BTNH", x, p.kernel[...].astype(x.dtype))
         if p.bias is not None:
             y = y + p.bias[...].astype(x.dtype)
-        return p.adapt(x, y)
+        return p.adapt(x, y, key)
 
-    def qkv(self, x, positions, inv_freq):
-        """x [B,T,D], positions [B,T] -> q [B,T,N,H], k, v [B,T,K,H] (q/k norm and RoPE applied)."""
-        q = self._proj(self.q_proj, x)
-        k = self._proj(self.k_proj, x)
-        v = self._proj(self.v_proj, x)
+    def qkv(self, x, positions, inv_freq, key=None):
+        """x [B,T,D], positions [B,T] -> q [B,T,N,H], k, v [B,T,K,H] (q/k norm and RoPE applied).
+        `key`: LoRA dropout draws (training only)."""
+        kq, kk, kv = _keys(key, 3)
+        q = self._proj(self.q_proj, x, kq)
+        k = self._proj(self.k_proj, x, kk)
+        v = self._proj(self.v_proj, x, kv)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
-    def output(self, attended: jax.Array) -> jax.Array:
+    def output(self, attended: jax.Array, key=None) -> jax.Array:
         """[B,T,N,H] attention outputs -> [B,T,D]. Heads and head dim are contracted as one
         merged dim F = N*H: XLA then lays out the (small) activation to match the kernel,
         instead of transposing the kernel (on every decode step, on CPU)."""
         b, t, n, h = attended.shape
         kernel = self.o_proj.kernel[...].astype(attended.dtype).reshape(n * h, -1)  # [F, D]
         out = jnp.einsum("BTF,FD->BTD", attended.reshape(b, t, n * h), kernel)
-        return self.o_proj.adapt(attended, out)
+        return self.o_proj.adapt(attended, out, key)
 
-    def __call__(self, x, positions, inv_freq, attend):
+    def __call__(self, x, positions, inv_freq, attend, key=None):
         """x [B,T,D], positions [B,T]; attend(q [B,T,N,H], k, v [B,T,K,H]) -> (outputs
         [B,T,N,H], aux): stores the keys/values where the caller keeps them and runs
-        `attention` over them. Returns (out [B,T,D], aux)."""
-        q, k, v = self.qkv(x, positions, inv_freq)
+        `attention` over them. Returns (out [B,T,D], aux). `key`: LoRA dropout draws."""
+        k_in, k_out = _keys(key, 2)
+        q, k, v = self.qkv(x, positions, inv_freq, k_in)
         attended, aux = attend(q, k, v)
-        return self.output(attended), aux
+        return self.output(attended, k_out), aux
 
 
 class MLP(nnx.Module):
@@ -224,13 +246,14 @@ class MLP(nnx.Module):
         self.up_proj = Projection((d,), (f,), cfg, bias=False, rngs=rngs, lora=lora("up_proj"))
         self.down_proj = Projection((f,), (d,), cfg, bias=False, rngs=rngs, lora=lora("down_proj"))
 
-    def __call__(self, x):
+    def __call__(self, x, key=None):
+        kg, ku, kd = _keys(key, 3)
         gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj.kernel[...].astype(x.dtype))
         up = jnp.einsum("BTD,DF->BTF", x, self.up_proj.kernel[...].astype(x.dtype))
-        gate, up = self.gate_proj.adapt(x, gate), self.up_proj.adapt(x, up)
+        gate, up = self.gate_proj.adapt(x, gate, kg), self.up_proj.adapt(x, up, ku)
         hidden = mesh_lib.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
         out = jnp.einsum("BTF,FD->BTD", hidden, self.down_proj.kernel[...].astype(x.dtype))
-        return self.down_proj.adapt(hidden, out)
+        return self.down_proj.adapt(hidden, out, kd)
 
 
 class Embed(nnx.Module):
@@ -250,11 +273,13 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, attend):
-        """x [B,T,D] -> (x [B,T,D], aux of `attend`; see `Attention.__call__`)."""
-        attn, aux = self.attn(self.input_norm(x), positions, inv_freq, attend)
+    def __call__(self, x, positions, inv_freq, attend, key=None):
+        """x [B,T,D] -> (x [B,T,D], aux of `attend`; see `Attention.__call__`). `key`: LoRA
+        dropout draws (training only)."""
+        k_attn, k_mlp = _keys(key, 2)
+        attn, aux = self.attn(self.input_norm(x), positions, inv_freq, attend, k_attn)
         x = x + attn
-        x = x + self.mlp(self.post_attn_norm(x))
+        x = x + self.mlp(self.post_attn_norm(x), k_mlp)
         return mesh_lib.constrain(x, ("batch", "seq", "act_embed")), aux
 
 
@@ -319,8 +344,11 @@ class Decoder(nnx.Module):
                        jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
     # ---- forward ---------------------------------------------------------------------------
-    def hidden_states(self, tokens, mask=None, positions=None, cache: Optional[KVCache] = None):
-        """Final-norm hidden states [B,T,D] and the updated cache (None without a cache)."""
+    def hidden_states(self, tokens, mask=None, positions=None, cache: Optional[KVCache] = None,
+                      dropout_key: Optional[jax.Array] = None):
+        """Final-norm hidden states [B,T,D] and the updated cache (None without a cache).
+        `dropout_key`: draws for the LoRA adapters' dropout (`model.lora.dropout`; the update
+        passes one, nothing else does)."""
         cfg = self.config
         dt = dtype_of(cfg.dtype)
         if mask is None:
@@ -349,7 +377,7 @@ class Decoder(nnx.Module):
         block_def, block_state = nnx.split(self.blocks)
 
         def body(carry, xs):
-            layer_state, layer_cache = xs
+            layer_state, layer_cache, layer_key = xs
             block = nnx.merge(block_def, layer_state)
 
             def attend(q, k, v):  # q [B,T,N,H], k, v [B,T,K,H]
@@ -364,7 +392,7 @@ class Decoder(nnx.Module):
                     return attention_kernels.sequence_attention(q, k, v, kv_mask, impl), (ck, cv)
                 return attention(q, ck, cv, q_slot, kv_mask), (ck, cv)
 
-            return block(carry, positions, inv_freq, attend)
+            return block(carry, positions, inv_freq, attend, layer_key)
 
         if cfg.remat == "full":
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
@@ -372,15 +400,19 @@ class Decoder(nnx.Module):
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
         layer_caches = None if cache is None else (cache.k, cache.v)
-        x, new_kv = jax.lax.scan(body, x, (block_state, layer_caches))
+        layer_keys = None
+        if dropout_key is not None and cfg.lora_dropout > 0:
+            layer_keys = jax.random.split(dropout_key, cfg.num_layers)
+        x, new_kv = jax.lax.scan(body, x, (block_state, layer_caches, layer_keys))
         x = self.final_norm(x)
         if cache is None:
             return x, None
         return x, KVCache(new_kv[0], new_kv[1], kv_mask, index + t)
 
-    def __call__(self, tokens, mask=None, positions=None) -> jax.Array:
-        """float32 logits [B,T,V] of a full (left-padded) sequence batch."""
-        hidden, _ = self.hidden_states(tokens, mask, positions)
+    def __call__(self, tokens, mask=None, positions=None, dropout_key=None) -> jax.Array:
+        """float32 logits [B,T,V] of a full (left-padded) sequence batch (`dropout_key`: see
+        `hidden_states`)."""
+        hidden, _ = self.hidden_states(tokens, mask, positions, dropout_key=dropout_key)
         return self.logits(hidden)
 
     def decode(self, tokens, positions, cache: KVCache, mask=None):

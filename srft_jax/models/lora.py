@@ -62,8 +62,11 @@ class LoraConfig:
     targets: which projections get adapters: a list of regular expressions, each matched in
       full against the names q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
       (a plain name matches itself; '.*' = all, '[qkvo]_proj' = attention only).
-    dropout: dropout on the adapters' input; only 0 is supported (the jitted update draws no
-      random numbers), so a non-zero value is an error rather than silently ignored.
+    dropout: dropout on the adapters' input in the update's forward pass, as PEFT's
+      `lora_dropout`: `scale * (dropout(x) A) B`; 0 (the default) = none. Sampling, the
+      old-policy log-probs and evaluation never drop. The draws are a function of
+      `train.seed`, the optimiser update count and the micro-batch, so a resumed run draws
+      what an uninterrupted one would.
     """
 
     rank: int = 0
@@ -76,8 +79,8 @@ class LoraConfig:
             raise ValueError(f"model.lora.rank must be >= 0 (0 = no adapters), got {self.rank}")
         if self.alpha <= 0:
             raise ValueError(f"model.lora.alpha must be > 0, got {self.alpha}")
-        if self.dropout != 0:
-            raise ValueError(f"model.lora.dropout={self.dropout}: only 0 is supported")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         object.__setattr__(self, "targets", targets)
         if not targets:
@@ -103,7 +106,8 @@ class LoraConfig:
         """The `ModelConfig` fields of this section."""
         if not self.enabled:
             return {"lora_rank": 0}
-        return {"lora_rank": self.rank, "lora_alpha": float(self.alpha), "lora_targets": self.projections()}
+        return {"lora_rank": self.rank, "lora_alpha": float(self.alpha), "lora_targets": self.projections(),
+                "lora_dropout": float(self.dropout)}
 
 
 # ---- the parameter pure dict ------------------------------------------------------------------
@@ -255,7 +259,7 @@ def save_peft_adapter(model, out_dir: str, base_model_path: Optional[str]) -> st
     save_file(tensors, os.path.join(out_dir, PEFT_WEIGHTS), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank,
-        "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "target_modules": list(cfg.lora_targets),
+        "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "target_modules": list(cfg.lora_targets),
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         "base_model_name_or_path": os.path.abspath(base_model_path) if base_model_path else None,
@@ -268,6 +272,7 @@ def save_peft_adapter(model, out_dir: str, base_model_path: Optional[str]) -> st
 def describe(cfg: ModelConfig) -> str:
     if not cfg.lora_rank:
         return "full fine-tuning"
-    return (f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on {', '.join(cfg.lora_targets)}: "
+    dropout = f", dropout {cfg.lora_dropout:g}" if cfg.lora_dropout else ""
+    return (f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}{dropout} on {', '.join(cfg.lora_targets)}: "
             f"{count_adapter_params(cfg):,} adapter parameters")
 
