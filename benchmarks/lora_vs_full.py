@@ -11,7 +11,8 @@ what is trained:
 
 - `full`: every parameter (the mini_table2 run `srft_paper`);
 - `lora_r16`: rank-16 adapters (alpha 32) on all seven projections, the rest frozen;
-- `lora_r4`: rank-4 adapters (alpha 8) on all seven projections.
+- `lora_r4`: rank-4 adapters (alpha 8) on all seven projections;
+- `lora_r16_dropout`: `lora_r16` with adapter dropout 0.05 (PEFT's `lora_dropout`).
 
 Every variant gets the same LR search (seed 0, best validation accuracy at temperature 0.6,
 avg@k, on the `val` split), then seeds 0..N-1 at its chosen LR are evaluated on the
@@ -26,11 +27,9 @@ the world, the base and XLA's compilation cache are shared with mini_table2 (`--
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import json
 import logging
-import multiprocessing
 import os
 import statistics
 import sys
@@ -46,8 +45,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "full": (),
     "lora_r16": ("model.lora.rank=16", "model.lora.alpha=32", "model.lora.targets=['.*']"),
     "lora_r4": ("model.lora.rank=4", "model.lora.alpha=8", "model.lora.targets=['.*']"),
+    "lora_r16_dropout": ("model.lora.rank=16", "model.lora.alpha=32", "model.lora.targets=['.*']",
+                         "model.lora.dropout=0.05"),
 }
-LRS = (1e-4, 3e-4, 1e-3, 3e-3)
+LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 HEADLINE = "t0.6"
 
 
@@ -109,12 +110,7 @@ def trainable_params(run_dir: str) -> dict:
 
 
 def run_all(jobs, paths, budget, workers):
-    if workers <= 1:
-        return [run_job(j, paths, budget) for j in jobs]
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=mt.setup_process,
-                                                initargs=(mt.xla_cache(paths),)) as pool:
-        return list(pool.map(run_job, jobs, [paths] * len(jobs), [budget] * len(jobs)))
+    return mt.run_all(jobs, paths, budget, workers, fn=run_job)
 
 
 def mean_std(xs):
@@ -182,7 +178,7 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few steps of everything (machinery check)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds at the chosen LR")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
-    parser.add_argument("--lrs", default=None, help="comma-separated LR search (default 1e-4,3e-4,1e-3,3e-3)")
+    parser.add_argument("--lrs", default=None, help="comma-separated LR search (default 1e-4,3e-4,1e-3,3e-3,1e-2)")
     parser.add_argument("--cache", default="runs/mini_table2_cache",
                         help="world, base model and XLA compilation cache (shared with mini_table2)")
     parser.add_argument("--workers", type=int, default=1, help="parallel training processes")

@@ -284,13 +284,15 @@ def xla_cache(paths: Paths) -> str:
     return jax.config.jax_compilation_cache_dir
 
 
-def run_all(jobs: list[Job], paths: Paths, budget: Budget, workers: int) -> list[dict]:
+def run_all(jobs: list, paths: Paths, budget: Budget, workers: int, fn=None) -> list[dict]:
+    """`fn(job, paths, budget)` (default `run_job`) of every job, in `workers` processes."""
+    fn = fn or run_job
     if workers <= 1:
-        return [run_job(j, paths, budget) for j in jobs]
+        return [fn(j, paths, budget) for j in jobs]
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=setup_process,
                                                 initargs=(xla_cache(paths),)) as pool:
-        return list(pool.map(run_job, jobs, [paths] * len(jobs), [budget] * len(jobs)))
+        return list(pool.map(fn, jobs, [paths] * len(jobs), [budget] * len(jobs)))
 
 
 def setup_process(xla_cache: str) -> None:
