@@ -43,6 +43,7 @@ from srft_jax.hardware import Slice
 
 GB = 1e9
 PROGRAMS = ("train_step", "old_logprobs", "prefill", "decode", "eval_decode")
+STEP_PROGRAMS = PROGRAMS[:4]  # the programs of one training step (evaluation is not part of it)
 KNOBS = {
     "train_step": "train.micro_batch_size, model.remat, mesh.fsdp / mesh.tensor, train.loss_chunk_size",
     "old_logprobs": "train.micro_batch_size, mesh.fsdp / mesh.tensor",
@@ -111,11 +112,17 @@ class CompileReport:
     skipped: dict[str, str] = field(default_factory=dict)
     model_flops: float = 0.0  # of one training step (PaLM convention, no recomputation)
 
+    def left_out(self) -> list[str]:
+        """Programs of a step that were neither compiled nor skipped for a reason of the config
+        (`--programs` left them out): without them there is no step roofline."""
+        return [p for p in STEP_PROGRAMS if p not in self.programs and p not in self.skipped]
+
     def roofline_s(self) -> float:
         """Lower bound of one training step: per program max(FLOPs / peak, bytes / bandwidth),
-        times its calls per step, summed (eval_decode is not part of a step)."""
+        times its calls per step, summed (eval_decode is not part of a step). NaN when a
+        program of the step was left out."""
         gen = self.slice.generation
-        if gen is None:
+        if gen is None or self.left_out():
             return math.nan
         return sum(p.calls_per_step * max(p.seconds(gen.peak_flops, gen.hbm_bandwidth))
                    for p in self.programs.values())
@@ -123,7 +130,7 @@ class CompileReport:
     def mfu_ceiling(self) -> float:
         gen = self.slice.generation
         t = self.roofline_s()
-        if gen is None or not t:
+        if gen is None or not t or math.isnan(t):
             return math.nan
         return self.model_flops / (self.slice.chips * gen.peak_flops * t)
 

@@ -173,6 +173,9 @@ def test_lora_update_donates_only_the_adapters(tmp_path):
     train = report["programs"]["train_step"]
     assert 0 < train["alias_bytes"] <= train["output_bytes"] < 0.5 * train["argument_bytes"]
     assert report["programs"]["old_logprobs"]["resident_bytes"] < 0.25 * train["argument_bytes"]
+    # The sampler's programs were left out: no step roofline or MFU ceiling from part of a step.
+    assert report["step"]["roofline_s"] is None and report["step"]["mfu_ceiling"] is None
+    assert "step: no roofline (--programs left out prefill, decode," in done.stdout
 
 
 def test_bad_topology_is_one_line(tmp_path):

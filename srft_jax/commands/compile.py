@@ -68,7 +68,8 @@ def add_arguments(parser) -> None:
                              "v6e-1..v6e-256) or cpu:N")
     parser.add_argument("--out", default=None, help="also write the report as JSON to this file")
     parser.add_argument("--programs", default=None,
-                        help="comma-separated subset of train_step,old_logprobs,prefill,decode,eval_decode")
+                        help="comma-separated subset of train_step,old_logprobs,prefill,decode,eval_decode "
+                             "(a subset that leaves out a program of the step gives no step roofline)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
 
 
@@ -167,6 +168,9 @@ def format_report(report) -> list[str]:
         lines.append(f"    loops: {p.loop_note}")
     if gen and any(p.compiler_error for p in report.programs.values()):
         lines.append("step: no roofline (a program did not compile)")
+    elif gen and report.left_out():
+        lines.append(f"step: no roofline (--programs left out {', '.join(report.left_out())}, "
+                     "which a training step also runs)")
     elif gen:
         t = report.roofline_s()
         lines.append(f"step: roofline lower bound {t:.1f} s per step; model FLOPs {report.model_flops:.3e} "
