@@ -52,16 +52,8 @@ LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 HEADLINE = "t0.6"
 
 
-@dataclasses.dataclass(frozen=True)
-class Job:
-    variant: str
-    lr: float
-    seed: int
-    sets: tuple[str, ...]
-
-    @property
-    def name(self) -> str:
-        return f"{self.variant}_lr{self.lr:g}_s{self.seed}"
+# A job is mini_table2's (`method` holds the variant's name): one variant at one LR and seed.
+Job = mt.Job
 
 
 def dir_bytes(path: str) -> int:
@@ -80,11 +72,11 @@ def run_job(job: Job, paths: mt.Paths, budget: mt.Budget) -> dict:
     t0 = time.perf_counter()
     mt.train_run(run_dir, paths.world["train_dir"], paths.tokenizer, loss={"preset": "paper"},
                  steps=budget.steps, budget=budget, lr=job.lr, seed=job.seed, init=paths.base,
-                 extra=VARIANTS[job.variant])
+                 extra=VARIANTS[job.method])
     t_train = time.perf_counter() - t0 + earlier.get("seconds", {}).get("train", 0.0)
     t1 = time.perf_counter()
     results = mt.evaluate_model(run_dir, paths, budget, job.sets, os.path.join(run_dir, "eval"))
-    record = {"variant": job.variant, "lr": job.lr, "seed": job.seed, "eval": results,
+    record = {"variant": job.method, "lr": job.lr, "seed": job.seed, "eval": results,
               "trainable": trainable_params(run_dir),
               "checkpoint_bytes": dir_bytes(os.path.join(run_dir, "checkpoints")),
               "seconds": {"train": t_train, "eval": time.perf_counter() - t1
