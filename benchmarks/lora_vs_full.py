@@ -114,7 +114,7 @@ def summarise(base_eval, search, records, chosen, variants, budget, timings) -> 
     from srft_jax.data.mini_world import EVAL_SETS
 
     ood = [s for s in EVAL_SETS if s != "id"]
-    out = {"budget": dataclasses.asdict(budget), "lrs": list(LRS), "chosen_lr": chosen,
+    out = {"budget": dataclasses.asdict(budget), "lrs": list(budget.lrs), "chosen_lr": chosen,
            "base": {"id": base_eval["id"][HEADLINE], "ood": statistics.fmean(base_eval[s][HEADLINE] for s in ood),
                     "val": base_eval["val"][HEADLINE]},
            "search": {v: {f"{r['lr']:g}": r["eval"]["val"][HEADLINE] for r in search if r["variant"] == v}
@@ -164,7 +164,6 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    global LRS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--smoke", action="store_true", help="a few steps of everything (machinery check)")
@@ -177,10 +176,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     budget = mt.SMOKE if args.smoke else mt.FULL
     if args.lrs:
-        LRS = tuple(float(x) for x in args.lrs.split(","))
+        lrs = tuple(float(x) for x in args.lrs.split(","))
     elif args.smoke:
-        LRS = (3e-4, 3e-3)
-    budget = dataclasses.replace(budget, lrs=LRS, seeds=1 if args.smoke else args.seeds)
+        lrs = (3e-4, 3e-3)
+    else:
+        lrs = LRS
+    budget = dataclasses.replace(budget, lrs=lrs, seeds=1 if args.smoke else args.seeds)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
     base_eval = mt.evaluate_model(paths.base, paths, budget, ("val",) + EVAL_SETS,
                                   os.path.join(args.out, "base_eval"))
     t0 = time.perf_counter()
-    search = run_all([Job(v, lr, 0, ("val",)) for v in variants for lr in LRS], paths, budget, args.workers)
+    search = run_all([Job(v, lr, 0, ("val",)) for v in variants for lr in budget.lrs], paths, budget, args.workers)
     chosen = {}
     for v in variants:  # best val accuracy; the smaller LR on a tie
         scores = {r["lr"]: r["eval"]["val"][HEADLINE] for r in search if r["variant"] == v}
