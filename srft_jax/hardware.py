@@ -104,8 +104,15 @@ class Slice:
                 raise ValueError(f"--topology {self.name}: only {len(devices)} CPU devices (set "
                                  f"XLA_FLAGS=--xla_force_host_platform_device_count={self.chips} before JAX starts)")
             return devices[: self.chips]
+        import importlib.util
+
         from jax.experimental import topologies
 
+        if importlib.util.find_spec("libtpu") is None:
+            from srft_jax.faults import RunError
+
+            raise RunError(f"--topology {self.name}: compiling for a TPU needs libtpu, which is not "
+                           f"installed: pip install -e '.[tpu]' (or 'jax[tpu]=={jax.__version__}')")
         quiet_libtpu(self)
         desc = topologies.get_topology_desc(
             platform="tpu", topology_name=self.topology, chip_config_name=self.generation.chip_config,

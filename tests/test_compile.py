@@ -168,6 +168,7 @@ def test_compile_demo_on_forced_cpu_devices(tmp_path):
 def test_lora_update_donates_only_the_adapters(tmp_path):
     """With model.lora.rank > 0 the train step is the loop's LoRA update: the base is a frozen
     argument, so only the adapters and their moments come back (aliased to donated inputs)."""
+    pytest.importorskip("libtpu", reason="compiling for a TPU needs jax[tpu] (pip install -e '.[tpu]')")
     done, report = _compile(tmp_path, "v5e-4", "model.lora.rank=4", programs="train_step,old_logprobs")
     assert done.returncode == 0, done.stderr
     train = report["programs"]["train_step"]
@@ -183,3 +184,19 @@ def test_bad_topology_is_one_line(tmp_path):
     assert done.returncode == 2  # a bad command line (docs/errors.md)
     assert done.stderr.strip().splitlines() == [done.stderr.strip().splitlines()[-1]]
     assert done.stderr.startswith("error: --topology v5p-63: v5p names count TensorCores")
+
+
+def test_a_tpu_slice_without_libtpu_is_one_line(monkeypatch):
+    """Without the tpu extra a TPU topology stops with one line naming the fix (jax's own error is
+    a traceback about 'JAX TPU support')."""
+    import importlib.util
+
+    from srft_jax.faults import RunError
+    from srft_jax.hardware import slice_for
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(RunError) as e:
+        slice_for("v5e-4").devices()
+    assert str(e.value).startswith("--topology v5e-4: compiling for a TPU needs libtpu")
+    assert "pip install -e '.[tpu]'" in str(e.value) and "\n" not in str(e.value)
